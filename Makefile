@@ -1,0 +1,43 @@
+# Two entry points: `make quickstart` and `make test`. Everything they need is installed here, so a fresh
+# machine (or CI's clean clone) needs nothing done by hand.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+QS ?= runs/quickstart
+PIP := $(BIN)/python -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: quickstart test lint install clean-quickstart
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Re-run the install only when the packaging changes.
+$(STAMP): setup.py pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check launch megatron_code data_pipeline eval_harness tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+# The main job on the embedded default corpus (source already on this machine): a code tokenizer, then a
+# packed, deduplicated token store, then a look inside it. Re-running reuses what is already built.
+quickstart: $(STAMP)
+	$(BIN)/codegeex data tokenizer --input default --output $(QS)/tokenizer --vocab-size 8000 \
+	    --skip-existing max_input_mb_per_language=8
+	$(BIN)/codegeex data build --input default --tokenizer $(QS)/tokenizer.model --output $(QS)/store \
+	    --seq-len 512 --workers 2 max_input_mb_per_language=8
+	$(BIN)/codegeex data inspect $(QS)/store --samples 2
+	@echo "quickstart: tokenizer at $(QS)/tokenizer.model, token store at $(QS)/store"
+
+clean-quickstart:
+	rm -rf $(QS)

@@ -1,0 +1,194 @@
+"""``codegeex data build``: inputs -> spooled documents (parallel, resumable) -> dedup -> packed Arrow shards.
+
+Phase A (workers, or machines of a SLURM array with ``num_shards``/``shard_index``): each work unit is read,
+filtered, parsed, hashed, checked for contamination and tokenized, and written to its own spool file under
+``OUTPUT/.work/``; a unit whose spool exists is not done again, so a killed run resumes where it stopped.
+Phase B (:func:`merge`, one process): exact and near duplicates are decided over all documents in input order,
+the kept documents are packed and the shards and manifest are written. Units do not depend on the number of
+workers and phase B reads them in order, so the shards are byte-identical whatever the parallelism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.config import BuildConfig
+from data_pipeline.decontam import ContaminationIndex
+from data_pipeline.dedup import MinHasher, content_hash
+from data_pipeline.default_corpus import expand_inputs
+from data_pipeline.documents import Document, accepted_documents
+from data_pipeline.filters import SyntaxChecker
+from data_pipeline.packing import MODALITY_CODE, MODALITY_DOCSTRING
+from data_pipeline.sources import Unit, enumerate_units
+from data_pipeline.spool import merge_spools, spool_done, write_spool
+from data_pipeline.store import write_json_atomic
+from data_pipeline.tokenizer import EOD, CodeTokenizer
+from launch.config import to_dict
+
+log = logging.getLogger(__name__)
+WORK = ".work"
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A progress bar on interactive terminals (or with CODEGEEX_PROGRESS=1), silent otherwise."""
+    enabled = sys.stderr.isatty() or os.environ.get("CODEGEEX_PROGRESS") == "1"
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
+def spool_identity(cfg: BuildConfig, tokenizer: CodeTokenizer) -> str:
+    """Hash of everything that changes a spool: resuming with other settings is refused."""
+    parts = {k: v for k, v in to_dict(cfg).items() if k in ("inputs", "unit_mb", "max_input_mb_per_language",
+                                                            "fields", "filters", "dedup", "decontam", "extract")}
+    parts["tokenizer"] = tokenizer.fingerprint
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class UnitProcessor:
+    """Phase A for one unit. One instance per worker process (parsers and the tokenizer are built once)."""
+
+    def __init__(self, cfg: BuildConfig, work: Path, contamination: ContaminationIndex | None) -> None:
+        self.cfg, self.work = cfg, work
+        self.tokenizer = CodeTokenizer(cfg.tokenizer)
+        self.checker = SyntaxChecker(cfg.filters.max_parse_error_fraction)
+        self.minhash = MinHasher(cfg.dedup) if cfg.dedup.near else None
+        self.contamination = contamination
+        self.eod = self.tokenizer.eod_id
+
+    def _tokens(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Token ids (tag line, text, end-of-document) and, for pairs, the per-token modality."""
+        tok = self.tokenizer
+        whole = [i for i, d in enumerate(docs) if d.pair is None]
+        encoded = dict(zip(whole, tok.encode_batch([docs[i].text for i in whole])))
+        out: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for i, d in enumerate(docs):
+            tag = tok.tag_ids(d.language)
+            if d.pair is None:
+                out.append((np.array([*tag, *encoded[i], self.eod], dtype=np.int64), None))
+                continue
+            prefix = [*tag, tok.piece_id("[descr]"), *tok.encode(d.pair.docstring + "\n"), tok.piece_id(d.language.code_marker)]
+            code = [*tok.encode(d.pair.code), tok.piece_id("[eoc]"), self.eod]
+            modality = np.array([MODALITY_DOCSTRING] * len(prefix) + [MODALITY_CODE] * len(code), dtype=np.uint8)
+            out.append((np.array(prefix + code, dtype=np.int64), modality))
+        return out
+
+    def __call__(self, unit: Unit) -> dict[str, Any]:
+        skips: Counter[str] = Counter()
+        docs = list(accepted_documents(unit, self.cfg.fields, self.cfg.filters, self.cfg.extract, self.checker, skips))
+        tokens = self._tokens(docs)
+        sigs = [self.minhash.signature(d.text) for d in docs] if self.minhash else None
+        write_spool(
+            self.work, unit.index, docs, tokens,
+            hashes=[content_hash(d.text) for d in docs],
+            signatures=sigs,
+            band_keys=[self.minhash.band_keys(s) for s in sigs] if self.minhash and sigs is not None else None,
+            contaminated=[self.contamination.match(d.text) if self.contamination else None for d in docs],
+            token_dtype=self.tokenizer.token_dtype,
+            stats={"unit": unit.index, "documents": len(docs), "skips": dict(skips)},
+        )
+        return {"unit": unit.index, "documents": len(docs)}
+
+
+_PROCESSOR: UnitProcessor | None = None
+
+
+def _run_unit(unit: Unit) -> dict[str, Any]:
+    if _PROCESSOR is None:
+        raise RuntimeError("worker used before its UnitProcessor was created")
+    return _PROCESSOR(unit)
+
+
+def _init_worker(cfg: BuildConfig, work: Path, contamination: ContaminationIndex | None) -> None:
+    global _PROCESSOR
+    _PROCESSOR = UnitProcessor(cfg, work, contamination)
+
+
+def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
+    """Enumerate the units and check (or write) the work directory's state."""
+    out = Path(cfg.output)
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = CodeTokenizer(cfg.tokenizer)
+    units, skips = enumerate_units(expand_inputs(cfg.inputs), int(cfg.unit_mb * 2**20), cfg.filters.max_file_bytes,
+                                   int(cfg.max_input_mb_per_language * 2**20))
+    state = {"identity": spool_identity(cfg, tokenizer), "units": len(units), "enumeration_skips": dict(skips),
+             "tokenizer": {"path": str(cfg.tokenizer), "sha256": tokenizer.fingerprint,
+                           "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
+                           "eod": EOD, "token_dtype": tokenizer.token_dtype.name}}
+    state_file = work / "state.json"
+    if state_file.exists():
+        old = json.loads(state_file.read_text())
+        if old.get("identity") != state["identity"] or old.get("units") != state["units"]:
+            raise ValueError(f"{out}: holds unfinished work from another configuration or input "
+                             f"(identity {old.get('identity')} vs {state['identity']}); use another --output or delete {work}")
+    else:
+        write_json_atomic(state_file, state)
+        write_json_atomic(work / "config.json", to_dict(cfg))
+    return work, units, state
+
+
+def run_phase_a(cfg: BuildConfig, work: Path, units: list[Unit]) -> None:
+    """Spool every unit of this machine's part that is not spooled yet."""
+    mine = [u for u in units if u.index % cfg.num_shards == cfg.shard_index and not spool_done(work, u.index)]
+    done = sum(1 for u in units if u.index % cfg.num_shards == cfg.shard_index) - len(mine)
+    if done:
+        log.info("resuming: %d unit(s) already spooled, %d to go", done, len(mine))
+    contamination = ContaminationIndex(cfg.decontam) if cfg.decontam.enabled else None
+    if contamination is not None:
+        log.info("decontamination: %d benchmark items indexed", contamination.num_items)
+    if not mine:
+        return
+    bar = progress(total=len(mine), desc="read, filter, tokenize", unit="unit")
+    if cfg.workers == 1:
+        processor = UnitProcessor(cfg, work, contamination)
+        for unit in mine:
+            processor(unit)
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, work, contamination)) as pool:
+            for _ in pool.imap_unordered(_run_unit, mine):
+                bar.update(1)
+    bar.close()
+
+
+def run_build(cfg: BuildConfig, command: list[str]) -> dict[str, Any] | None:
+    """The whole build (or, with several shards, this machine's part of phase A). Returns the manifest."""
+    work, units, state = prepare(cfg)
+    log.info("%d work unit(s) from %d input(s); enumeration skipped %s", len(units), len(cfg.inputs),
+             state["enumeration_skips"] or "nothing")
+    run_phase_a(cfg, work, units)
+    if cfg.num_shards > 1:
+        log.info("part %d/%d spooled; after every part, run `codegeex data merge %s`", cfg.shard_index, cfg.num_shards,
+                 cfg.output)
+        return None
+    return merge(cfg, command)
+
+
+def merge(cfg: BuildConfig, command: list[str]) -> dict[str, Any]:
+    """Phase B: decide duplicates over all spools, pack, write shards and the manifest."""
+    out = Path(cfg.output)
+    work = out / WORK
+    state = json.loads((work / "state.json").read_text())
+    missing = [i for i in range(state["units"]) if not spool_done(work, i)]
+    if missing:
+        raise ValueError(f"{out}: {len(missing)} unit(s) not spooled yet (first: {missing[:5]}); "
+                         "run the remaining parts of `codegeex data build` first")
+    manifest = merge_spools(cfg, work, state, progress)
+    manifest["command"] = command
+    manifest["config"] = to_dict(cfg)
+    write_json_atomic(out / "manifest.json", manifest)
+    log.info("store %s: %d windows of %d tokens in %d shard(s), padding %.2f%%", out, manifest["total_windows"],
+             manifest["window"], len(manifest["shards"]), 100 * manifest["padding_fraction"])
+    return manifest
+

@@ -1,0 +1,64 @@
+"""From raw inputs to accepted documents: classification, filters, syntax check, extraction.
+
+Shared by ``data build`` (which then tokenizes) and ``data tokenizer`` (which trains on the same accepted text,
+so every file the store encodes is one the tokenizer saw the like of).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from data_pipeline.extract import ExtractConfig, FunctionPair, extract_functions, remove_comments
+from data_pipeline.filters import FilterConfig, Skip, SyntaxChecker, check_text
+from data_pipeline.languages import Language, language_for_path
+from data_pipeline.sources import RecordFields, Unit, read_unit
+
+
+@dataclass
+class Document:
+    """An accepted document: a whole file's text, or one text-to-code pair of it."""
+
+    source: str
+    language: Language
+    text: str  # what is hashed, deduplicated and checked for contamination
+    pair: FunctionPair | None = None  # set for text-to-code pairs (the text is then docstring + code)
+    n_bytes: int = 0  # size of the file it came from (whole-file documents only)
+
+
+def accepted_documents(
+    unit: Unit, fields: RecordFields, filters: FilterConfig, extract: ExtractConfig,
+    checker: SyntaxChecker, skips: Counter[str],
+) -> Iterator[Document]:
+    """The documents of a unit that pass every filter, in order; every rejection is counted in ``skips``."""
+    for raw in read_unit(unit, fields):
+        if isinstance(raw, str):
+            skips[raw] += 1
+            continue
+        lang = raw.language or language_for_path(raw.path, raw.data[:128])
+        if lang is None:
+            skips["not_a_training_language"] += 1
+            continue
+        try:
+            text = check_text(raw.data, filters)
+            if filters.parse:
+                tree = checker.check(lang, raw.data)
+            elif extract.functions or extract.remove_comments:
+                tree = checker.parse(lang, raw.data)
+            else:
+                tree = None
+        except Skip as skip:
+            skips[skip.reason] += 1
+            continue
+        if extract.functions:
+            for pair in extract_functions(lang, raw.data, tree, extract.min_docstring_chars):
+                yield Document(f"{raw.source}::{pair.name}", lang, f"{pair.docstring}\n{pair.code}", pair)
+            if not extract.keep_files:
+                continue
+        if extract.remove_comments:
+            text = remove_comments(lang, raw.data, tree).decode("utf-8")
+            if not text.strip():
+                skips["empty"] += 1
+                continue
+        yield Document(raw.source, lang, text, None, len(raw.data))

@@ -1,0 +1,324 @@
+"""Reading inputs: directory trees, ``.zip`` archives, ``.jsonl(.gz)`` and Parquet, split into work units.
+
+Enumeration is deterministic (sorted paths, fixed unit sizes that do not depend on the number of workers), so
+the same inputs always give the same units, in the same order, on every machine of a SLURM array. A unit is the
+grain of parallelism and of resumption: a worker reads one unit and writes one spool file for it.
+
+Nothing here crashes on bad input: unreadable files, symlink loops and oversized files are counted by reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import stat
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.languages import Language, get_language, language_for_path
+
+
+@dataclass
+class RawDocument:
+    """One document as read, before any filter: bytes from a file, or text from a record."""
+
+    source: str  # where it came from: a path, "archive.zip!member" or "file.jsonl@BYTE_OFFSET"
+    path: str  # the name used to classify by extension
+    data: bytes
+    language: Language | None = None  # set when the input says so (a record field, a root's override)
+
+
+@dataclass
+class Unit:
+    """A slice of the input read by one worker: files of a tree, members of a zip, or a byte range of a JSONL."""
+
+    index: int
+    kind: str  # "files" | "zip" | "jsonl" | "jsonl.gz" | "parquet"
+    path: str = ""  # the archive or record file (kinds other than "files")
+    items: list[Any] = field(default_factory=list)  # files: [path, lang]; zip: [member, lang]; parquet: row groups
+    start: int = 0  # jsonl: byte range [start, end) of line starts
+    end: int = 0
+
+
+@dataclass
+class RecordFields:
+    """Field names in ``.jsonl`` and Parquet records."""
+
+    content: str = "content"
+    language: str = "language"
+    path: str = "path"
+
+
+def _record_language(rec: dict[str, Any], fields: RecordFields) -> Language | None:
+    name = rec.get(fields.language)
+    if isinstance(name, str) and name:
+        try:
+            return get_language(name)
+        except ValueError:
+            return None
+    return None
+
+
+class _Enumerator:
+    """Walks the inputs once, grouping files into units of about ``unit_bytes`` and counting what it skips."""
+
+    def __init__(self, unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int) -> None:
+        self.unit_bytes = unit_bytes
+        self.max_file_bytes = max_file_bytes
+        self.cap = max_bytes_per_language
+        self.per_language: Counter[str] = Counter()
+        self.skips: Counter[str] = Counter()
+        self.units: list[Unit] = []
+        self._pending: list[list[Any]] = []
+        self._pending_bytes = 0
+        self.roots: set[str] = set()  # directories given as inputs: another root's walk does not enter them
+
+    def _add_file(self, path: str, size: int, lang: Language | None) -> None:
+        if size > self.max_file_bytes:
+            self.skips["too_large"] += 1
+            return
+        if lang is None:
+            head = b""
+            if "." not in os.path.basename(path):
+                try:
+                    with open(path, "rb") as fh:
+                        head = fh.read(128)
+                except OSError:
+                    self.skips["unreadable"] += 1
+                    return
+            lang = language_for_path(path, head)
+        if lang is None:
+            self.skips["not_a_training_language"] += 1
+            return
+        if self.cap and self.per_language[lang.name] + size > self.cap:
+            self.skips["over_language_cap"] += 1
+            return
+        self.per_language[lang.name] += size
+        self._pending.append([path, lang.name])
+        self._pending_bytes += size
+        if self._pending_bytes >= self.unit_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.units.append(Unit(len(self.units), "files", items=self._pending))
+            self._pending, self._pending_bytes = [], 0
+
+    def walk(self, root: str, lang: Language | None) -> None:
+        """Depth-first in sorted order; follows symlinks but never enters a directory twice.
+
+        A link back to a directory being walked is a ``symlink_loop``; a second way into a directory already
+        walked is a ``duplicate_directory``; both are counted and not entered.
+        """
+        visited: set[tuple[int, int]] = set()
+        stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset())]
+        while stack:
+            top, ancestors = stack.pop()
+            try:
+                st = os.stat(top)
+            except OSError:
+                self.skips["unreadable"] += 1
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                self.skips["symlink_loop"] += 1
+                continue
+            if key in visited:
+                self.skips["duplicate_directory"] += 1
+                continue
+            visited.add(key)
+            try:
+                entries = sorted(os.scandir(top), key=lambda e: e.name)
+            except OSError:
+                self.skips["unreadable"] += 1
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name in ("__pycache__", ".git", "site-packages", "node_modules") and entry.is_dir():
+                    continue
+                try:
+                    est = entry.stat(follow_symlinks=True)
+                except OSError:  # dangling link, permission, or a link loop the kernel caught (ELOOP)
+                    self.skips["unreadable"] += 1
+                    continue
+                if stat.S_ISDIR(est.st_mode):
+                    if os.path.realpath(entry.path) not in self.roots:
+                        subdirs.append(entry.path)
+                elif stat.S_ISREG(est.st_mode):
+                    self._add_file(entry.path, est.st_size, lang)
+            inner = ancestors | {key}
+            stack.extend((d, inner) for d in reversed(subdirs))
+
+    def zip_members(self, path: str, lang: Language | None) -> None:
+        self.flush()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
+        except (OSError, zipfile.BadZipFile):
+            self.skips["unreadable"] += 1
+            return
+        items: list[list[Any]] = []
+        size = 0
+        for info in infos:
+            mlang = lang or language_for_path(info.filename)
+            if mlang is None:
+                self.skips["not_a_training_language"] += 1
+                continue
+            if info.file_size > self.max_file_bytes:
+                self.skips["too_large"] += 1
+                continue
+            if self.cap and self.per_language[mlang.name] + info.file_size > self.cap:
+                self.skips["over_language_cap"] += 1
+                continue
+            self.per_language[mlang.name] += info.file_size
+            items.append([info.filename, mlang.name])
+            size += info.file_size
+            if size >= self.unit_bytes:
+                self.units.append(Unit(len(self.units), "zip", path=path, items=items))
+                items, size = [], 0
+        if items:
+            self.units.append(Unit(len(self.units), "zip", path=path, items=items))
+
+    def jsonl(self, path: str) -> None:
+        self.flush()
+        if path.endswith(".gz"):  # not seekable: one unit per file
+            self.units.append(Unit(len(self.units), "jsonl.gz", path=path))
+            return
+        total = os.path.getsize(path)
+        for start in range(0, max(total, 1), self.unit_bytes):
+            self.units.append(Unit(len(self.units), "jsonl", path=path, start=start, end=min(start + self.unit_bytes, total)))
+
+    def parquet(self, path: str) -> None:
+        import pyarrow.parquet as pq
+
+        self.flush()
+        meta = pq.ParquetFile(path).metadata
+        group, size = [], 0
+        for g in range(meta.num_row_groups):
+            group.append(g)
+            size += meta.row_group(g).total_byte_size
+            if size >= self.unit_bytes:
+                self.units.append(Unit(len(self.units), "parquet", path=path, items=group))
+                group, size = [], 0
+        if group:
+            self.units.append(Unit(len(self.units), "parquet", path=path, items=group))
+
+
+def enumerate_units(
+    inputs: list[tuple[str, Language | None]], unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int = 0
+) -> tuple[list[Unit], Counter[str]]:
+    """Turn inputs (path, optional language override) into work units and the skip counts of enumeration."""
+    en = _Enumerator(unit_bytes, max_file_bytes, max_bytes_per_language)
+    en.roots = {os.path.realpath(p) for p, _ in inputs if os.path.isdir(p)}
+    for raw, lang in inputs:
+        path = str(Path(raw))
+        if os.path.isdir(path):
+            en.walk(path, lang)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"input {path} does not exist")
+        elif path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+            en.jsonl(path)
+        elif path.endswith(".parquet"):
+            en.parquet(path)
+        elif path.endswith(".zip"):
+            en.zip_members(path, lang)
+        else:
+            en._add_file(path, os.path.getsize(path), lang)
+    en.flush()
+    return en.units, en.skips
+
+
+def _iter_jsonl_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) for every line that starts inside [start, end) of the file."""
+    if unit.kind == "jsonl.gz":
+        with gzip.open(unit.path, "rb") as gz:
+            pos = 0
+            for line in gz:
+                yield pos, line
+                pos += len(line)
+        return
+    with open(unit.path, "rb") as fh:
+        pos = unit.start
+        if pos:
+            fh.seek(pos - 1)
+            if fh.read(1) != b"\n":  # the line straddling `start` belongs to the previous unit
+                pos += len(fh.readline())
+        while pos < unit.end:
+            line = fh.readline()
+            if not line:
+                break
+            yield pos, line
+            pos += len(line)
+
+
+def _record_doc(rec: Any, source: str, fields: RecordFields) -> RawDocument | str:
+    """A record's document, or the skip reason for a malformed record."""
+    if not isinstance(rec, dict):
+        return "malformed_record"
+    content = rec.get(fields.content)
+    if not isinstance(content, str):
+        return "malformed_record"
+    name = rec.get(fields.path) if isinstance(rec.get(fields.path), str) else ""
+    return RawDocument(source, name or source, content.encode("utf-8", "surrogatepass"), _record_language(rec, fields))
+
+
+def read_unit(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | str]:
+    """The documents of a unit, in order; a string in the stream is the skip reason of one unreadable item."""
+    if unit.kind == "files":
+        for path, lang in unit.items:
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError:
+                yield "unreadable"
+                continue
+            yield RawDocument(path, path, data, get_language(lang))
+    elif unit.kind == "zip":
+        with zipfile.ZipFile(unit.path) as zf:
+            for member, lang in unit.items:
+                try:
+                    data = zf.read(member)
+                except (OSError, zipfile.BadZipFile, KeyError):
+                    yield "unreadable"
+                    continue
+                yield RawDocument(f"{unit.path}!{member}", member, data, get_language(lang))
+    elif unit.kind in ("jsonl", "jsonl.gz"):
+        for offset, line in _iter_jsonl_lines(unit):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield "malformed_record"
+                continue
+            yield _record_doc(rec, f"{unit.path}@{offset}", fields)
+    elif unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(unit.path)
+        for g in unit.items:
+            for i, rec in enumerate(pf.read_row_group(g).to_pylist()):
+                yield _record_doc(rec, f"{unit.path}#rg{g}:{i}", fields)
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a ``.jsonl`` or ``.jsonl.gz`` file; a malformed line raises naming the file and line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as raw:
+        for lineno, line in enumerate(raw, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed JSON record ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield rec

@@ -1,0 +1,1 @@
+"""Evaluation: HumanEval-X and MBPP generation, sandboxed execution, pass@k and reports."""

@@ -1,0 +1,54 @@
+"""The ``codegeex`` command: one entry point, a subcommand group per job.
+
+Each group lives in the package that owns the job and registers its own subcommands through a
+``register(parser)`` function; heavy imports (torch, megatron-core) happen inside the handlers, so
+``codegeex --help`` and the data commands start in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from launch.config import ConfigError
+from launch.logs import setup_logging
+
+# group name -> (module with register(parser), one-line help). Later jobs add their group here.
+GROUPS: dict[str, tuple[str, str]] = {
+    "data": ("data_pipeline.cli", "source trees -> tokenizer and sharded Arrow token store; inspect stores"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codegeex", description="Pre-train, launch and evaluate CodeGeeX-shaped models.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for name, (module, help_text) in GROUPS.items():
+        sub = groups.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+        return 2
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        logging.getLogger("codegeex").error("configuration error: %s", exc)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        logging.getLogger("codegeex").error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

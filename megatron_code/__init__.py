@@ -1,0 +1,1 @@
+"""The CodeGeeX model and its Megatron-style trainer."""

@@ -1,0 +1,47 @@
+"""Packaging for the CodeGeeX pre-training system: one distribution, four packages, one command."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="codegeex-train",
+    version="0.1.0",
+    description="Megatron-style pre-training, data pipeline and evaluation for CodeGeeX-shaped code models",
+    python_requires=">=3.11",
+    packages=find_packages(include=["launch*", "megatron_code*", "data_pipeline*", "eval_harness*"]),
+    include_package_data=True,
+    package_data={"launch": ["templates/*"], "data_pipeline": ["resources/*"]},
+    install_requires=[
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "pyarrow>=15",
+        "sentencepiece>=0.2",
+        "tree-sitter>=0.23",
+        "tree-sitter-python",
+        "tree-sitter-cpp",
+        "tree-sitter-c",
+        "tree-sitter-c-sharp",
+        "tree-sitter-cuda",
+        "tree-sitter-objc",
+        "tree-sitter-java",
+        "tree-sitter-scala",
+        "tree-sitter-html",
+        "tree-sitter-php",
+        "tree-sitter-javascript",
+        "tree-sitter-typescript",
+        "tree-sitter-go",
+        "tree-sitter-bash",
+        "tree-sitter-rust",
+        "tree-sitter-css",
+        "tree-sitter-sql",
+        "tree-sitter-kotlin",
+        "tree-sitter-pascal",
+        "tree-sitter-fortran",
+    ],
+    extras_require={
+        # The trainer's stack; pinned to the releases that run on this project's machines.
+        "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8"],
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-tqdm"],
+    },
+    entry_points={"console_scripts": ["codegeex=launch.cli:main"]},
+)
