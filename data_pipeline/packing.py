@@ -107,7 +107,8 @@ class Packer:
         rest, rest_mod = tokens[pos:], None if modality is None else modality[pos:]
         for b in self.bins:
             if self.window - b.used >= len(rest):
-                self._put(b, rest, rest_mod, new_doc)
+                # the tail of a cut document is a segment of its own wherever it lands
+                self._put(b, rest, rest_mod, new_doc or b.used > 0)
                 return
         if len(self.bins) >= self.open_windows:  # close the fullest (the oldest among equals)
             fullest = max(range(len(self.bins)), key=lambda i: (self.bins[i].used, -i))

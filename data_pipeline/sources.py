@@ -116,6 +116,7 @@ class _Enumerator:
         walked is a ``duplicate_directory``; both are counted and not entered.
         """
         visited: set[tuple[int, int]] = set()
+        own = os.path.realpath(root)
         stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(root, frozenset())]
         while stack:
             top, ancestors = stack.pop()
@@ -147,7 +148,8 @@ class _Enumerator:
                     self.skips["unreadable"] += 1
                     continue
                 if stat.S_ISDIR(est.st_mode):
-                    if os.path.realpath(entry.path) not in self.roots:
+                    real = os.path.realpath(entry.path)
+                    if real == own or real not in self.roots:  # another input walks that one
                         subdirs.append(entry.path)
                 elif stat.S_ISREG(est.st_mode):
                     self._add_file(entry.path, est.st_size, lang)

@@ -41,8 +41,13 @@ def special_symbols() -> list[str]:
     """Every user-defined symbol, in a fixed order (part of the tokenizer's identity)."""
     symbols = [EOD, *MARKERS]
     symbols += [lang.code_marker for lang in LANGUAGES]
-    symbols += [lang.tag for lang in LANGUAGES]
+    symbols += [_piece(lang.tag) for lang in LANGUAGES]
     return symbols
+
+
+def _piece(text: str) -> str:
+    """A symbol as SentencePiece stores it: spaces are matched after they become U+2581."""
+    return text.replace(" ", META_SPACE)
 
 
 def train_tokenizer(
@@ -107,9 +112,9 @@ class CodeTokenizer:
             raise ValueError(f"tokenizer model {self.path} has no {piece!r} piece; train it with `codegeex data tokenizer`")
         return int(pid)
 
-    def piece_id(self, piece: str) -> int:
+    def piece_id(self, symbol: str) -> int:
         """The id of a special symbol (a marker or tag), which always encodes to exactly one token."""
-        return self._require(piece)
+        return self._require(_piece(symbol))
 
     def encode(self, text: str) -> list[int]:
         if META_SPACE not in text:

@@ -121,7 +121,12 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:  # validators raise ValueError naming the field and value
+            raise ConfigError(str(exc)) from None
     return obj
 
 

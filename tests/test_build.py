@@ -1,0 +1,171 @@
+"""``codegeex data build`` end to end on the test corpus: counts, determinism, resumption, integrity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.build import run_build
+from data_pipeline.config import BuildConfig
+from data_pipeline.languages import LANGUAGES
+from data_pipeline.store import StoreError, TokenStore
+from data_pipeline.tokenizer import CodeTokenizer
+from launch.cli import main
+from launch.config import load_config
+from tests.conftest import shared_path
+
+
+def build(inputs, tokenizer, out, *overrides, **values):
+    cfg = load_config(BuildConfig, overrides=overrides,
+                      values={"inputs": inputs, "tokenizer": tokenizer, "output": str(out), "pack.seq_len": 64, **values})
+    return run_build(cfg, ["test"])
+
+
+def shard_bytes(out: Path) -> list[bytes]:
+    return [f.read_bytes() for f in sorted((out / "shards").glob("*.arrow"))]
+
+
+@pytest.fixture(scope="module")
+def store(corpus, tokenizer_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s"
+    manifest = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
+    return out, manifest
+
+
+def test_manifest_counts_every_skip_and_language(store, corpus):
+    out, m = store
+    for reason, n in corpus[1].items():
+        assert m["skips"][reason] == n, reason
+    langs = m["languages"]
+    assert langs["Python"]["documents"] == 6 + 5 + 1 + 1 - 2  # minus the exact and the near duplicate
+    assert {"Java", "JavaScript", "CSS", "Go", "C++", "Shell"} <= set(langs)
+    assert m["total_documents"] == sum(v["documents"] for v in langs.values())
+    assert m["total_tokens"] == sum(v["tokens"] for v in langs.values())
+    assert len(m["shards"]) > 1 and all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert m["window"] == 65 and m["tokenizer"]["sha256"] and m["command"] == ["test"]
+
+
+def test_windows_hold_tagged_documents_ending_in_eod(store, tokenizer_model):
+    out, m = store
+    tok = CodeTokenizer(tokenizer_model)
+    s = TokenStore(out)
+    assert len(s) == m["total_windows"]
+    eods: dict[int, int] = {}
+    tags = {tok.piece_id(lang.tag): lang.id for lang in LANGUAGES}
+    for i in range(len(s)):
+        w = s[i]
+        real = w.tokens[:w.num_tokens]
+        assert np.all(w.tokens[w.num_tokens:] == tok.pad_id)
+        eods[w.language] = eods.get(w.language, 0) + int(np.sum(real == tok.eod_id))
+        for start in w.doc_starts:
+            assert tags[int(w.tokens[start])] == w.language  # every document opens with its language's tag
+    for name, stats in m["languages"].items():
+        assert eods[LANGUAGES[[lang.name for lang in LANGUAGES].index(name)].id] == stats["documents"]
+
+
+def test_shards_are_byte_identical_whatever_the_parallelism(store, corpus, tokenizer_model, tmp_path):
+    reference = shard_bytes(store[0])
+    build(corpus[0], tokenizer_model, tmp_path / "w2", "pack.shard_mb=0.005", workers=2, unit_mb=0.002)
+    assert shard_bytes(tmp_path / "w2") == reference
+    for part in (1, 0):  # two "machines" of a SLURM array, then the merge
+        assert build(corpus[0], tokenizer_model, tmp_path / "parts", "pack.shard_mb=0.005", num_shards=2,
+                     shard_index=part) is None
+    assert main(["data", "merge", str(tmp_path / "parts")]) == 0
+    assert shard_bytes(tmp_path / "parts") == reference
+
+
+def test_resuming_with_other_settings_is_refused(store, corpus, tokenizer_model, tmp_path):
+    build(corpus[0], tokenizer_model, tmp_path / "a", num_shards=2, shard_index=0)
+    with pytest.raises(ValueError, match="holds unfinished work from another configuration"):
+        build(corpus[0], tokenizer_model, tmp_path / "a", "dedup.threshold=0.8")
+    with pytest.raises(FileNotFoundError, match="tokenizer model .*nope.model does not exist"):
+        build(corpus[0], str(tmp_path / "nope.model"), tmp_path / "b")
+
+
+def test_corrupt_or_truncated_shard_is_named(store, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(store[0], copy)
+    shard = sorted((copy / "shards").glob("*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[200] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{shard.name}: checksum mismatch"):
+        TokenStore(copy)
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(StoreError, match=rf"{shard.name}: shard is truncated"):
+        TokenStore(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="manifest.json does not exist"):
+        TokenStore(copy)
+
+
+def test_text_to_code_pairs_carry_modality(corpus, tokenizer_model, tmp_path):
+    m = build(corpus[0], tokenizer_model, tmp_path / "pairs", "extract.functions=true", "extract.keep_files=false",
+              "pack.mode=best_fit")
+    assert m["columns"][-1] == "modality" and m["languages"]["Python"]["pairs"] == 2
+    assert {"Java", "JavaScript", "Go", "C++"} <= set(m["languages"])
+    tok = CodeTokenizer(tokenizer_model)
+    s = TokenStore(tmp_path / "pairs")
+    texts = []
+    for i in range(len(s)):
+        w = s[i]
+        cuts = sorted({0, *w.doc_starts.tolist(), w.num_tokens})
+        for a, b in zip(cuts, cuts[1:]):
+            mod = w.modality[a:b]
+            switch = int(np.argmin(mod))  # docstring (1) first, then code (0), exactly one change
+            assert np.all(mod[:switch] == 1) and np.all(mod[switch:] == 0)
+            texts.append((tok.decode(w.tokens[a:a + switch]), tok.decode(w.tokens[a + switch:b])))
+    doc, code = next(t for t in texts if "area of a circle" in t[0])
+    assert doc == "# language: Python\n[descr]Return the area of a circle of the given radius.\n[python]"
+    assert code == "def area(radius):\n    return math.pi * radius ** 2\n[eoc]<|endoftext|>"
+
+
+def test_decontamination_drops_benchmark_leaks(corpus, tokenizer_model, tmp_path):
+    he = shared_path("humaneval-x")
+    from data_pipeline.sources import read_jsonl
+
+    problem = next(iter(read_jsonl(he / "python" / "humaneval_python.jsonl.gz")))
+    leak = tmp_path / "leak"
+    leak.mkdir()
+    (leak / "solutions.py").write_text(problem["prompt"] + problem["canonical_solution"])
+    m = build([*corpus[0], str(leak)], tokenizer_model, tmp_path / "d", f"decontam.humaneval_x={he}")
+    assert m["skips"]["contaminated"] == 1
+    assert m["contaminated_examples"][0]["source"].endswith("solutions.py")
+    assert m["contaminated_examples"][0]["item"] == "Python/0:prompt"
+
+
+def test_inspect_shows_languages_skips_and_marked_samples(store, capsys):
+    assert main(["data", "inspect", str(store[0]), "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "language" in out and "Python" in out and "skipped because" in out and "near_duplicate" in out
+    assert out.count("--- window") == 2
+
+
+@pytest.mark.slow
+def test_killed_build_resumes_with_nothing_lost_or_duplicated(tokenizer_model, tmp_path):
+    inputs = ["default"]
+    args = ["--tokenizer", tokenizer_model, "--seq-len", "128", "--workers", "1", "max_input_mb_per_language=0.5",
+            "unit_mb=0.05", "dedup.near=false"]
+    cmd = [sys.executable, "-m", "launch.cli", "data", "build", "--input", *inputs, "--output"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(killed), *args], stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / ".work").glob("unit-*.json"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    spooled = {f: f.stat().st_mtime_ns for f in (killed / ".work").glob("unit-*.arrow") if f.with_suffix(".json").exists()}
+    assert len(spooled) >= 3 and not (killed / "manifest.json").exists()
+    subprocess.run([*cmd, str(killed), *args], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd, str(tmp_path / "clean"), *args], check=True, stderr=subprocess.DEVNULL)
+    assert shard_bytes(killed) == shard_bytes(tmp_path / "clean") and shard_bytes(killed)
+    assert all(f.stat().st_mtime_ns == t for f, t in spooled.items())  # finished units were not redone
+    assert len(list((killed / ".work").glob("unit-*.json"))) > len(spooled)
