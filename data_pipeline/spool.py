@@ -67,6 +67,7 @@ def write_spool(work: Path, index: int, docs: list[Document], tokens: list[tuple
 
 
 def _open(work: Path, index: int) -> pa.Table:
+    """A spool, memory-mapped (drop the table to unmap it)."""
     return pa.ipc.open_file(pa.memory_map(str(_paths(work, index)[0]), "r")).read_all()
 
 
@@ -79,37 +80,51 @@ def _fixed(table: pa.Table, name: str) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
 
 
-def _duplicates(cfg: BuildConfig, tables: list[pa.Table], hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scan(work: Path, units: int, near: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Small per-document columns of every spool, one spool mapped at a time: (rows per unit, hashes,
+    contaminated, band keys (N, bands) or empty)."""
+    rows, hashes, contaminated, bands = [], [], [], []
+    for i in range(units):
+        t = _open(work, i)
+        rows.append(t.num_rows)
+        hashes.append(_column(t, "hash"))
+        contaminated.append(t.column("contaminated").is_valid().to_numpy(zero_copy_only=False))
+        if near and t.num_rows:
+            bands.append(np.array(_fixed(t, "bands")))
+        del t
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    return (np.array(rows, dtype=np.int64), cat(hashes, np.uint64), cat(contaminated, bool),
+            np.concatenate(bands) if bands else np.zeros((0, 1), np.uint32))
+
+
+def _duplicates(cfg: BuildConfig, work: Path, rows: np.ndarray, hashes: np.ndarray,
+                bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(hashes)
     exact = exact_duplicates(hashes) if cfg.dedup.exact else np.zeros(n, dtype=bool)
     if not cfg.dedup.near or n == 0:
         return exact, np.zeros(n, dtype=bool)
-    starts = np.cumsum([0] + [t.num_rows for t in tables])
-    sig_views = [_fixed(t, "signature") if t.num_rows else None for t in tables]
-
-    def band_column(b: int) -> np.ndarray:
-        return np.concatenate([_fixed(t, "bands")[:, b] for t in tables if t.num_rows])
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    opened: dict[int, np.ndarray] = {}
 
     def signature(i: int) -> np.ndarray:
-        k = int(np.searchsorted(starts, i, side="right") - 1)
-        view = sig_views[k]
-        assert view is not None
-        return view[i - starts[k]]
+        unit = int(np.searchsorted(starts, i, side="right") - 1)
+        if unit not in opened:
+            if len(opened) > 64:
+                opened.clear()
+            opened[unit] = _fixed(_open(work, unit), "signature")
+        return opened[unit][i - starts[unit]]
 
-    near = near_duplicates(band_column, cfg.dedup.bands, signature, cfg.dedup.threshold, exact)
+    near = near_duplicates(lambda b: bands[:, b], cfg.dedup.bands, signature, cfg.dedup.threshold, exact)
     return exact, near & ~exact
 
 
 def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: Callable[..., Any]) -> dict[str, Any]:
     """Phase B over every spool, in unit order; returns the manifest (without command and config)."""
-    tables = [_open(work, i) for i in range(state["units"])]
     skips: Counter[str] = Counter(state["enumeration_skips"])
     for i in range(state["units"]):
         skips.update(json.loads(_paths(work, i)[1].read_text())["skips"])
-    hashes = np.concatenate([_column(t, "hash") for t in tables]) if tables else np.zeros(0, np.uint64)
-    exact, near = _duplicates(cfg, tables, hashes)
-    contaminated = np.concatenate([t.column("contaminated").is_valid().to_numpy(zero_copy_only=False)
-                                   for t in tables]) if tables else np.zeros(0, bool)
+    rows, hashes, contaminated, bands = _scan(work, state["units"], cfg.dedup.near)
+    exact, near = _duplicates(cfg, work, rows, hashes, bands)
     contaminated &= ~(exact | near)
     skips.update(exact_duplicate=int(exact.sum()), near_duplicate=int(near.sum()), contaminated=int(contaminated.sum()))
     keep = ~(exact | near | contaminated)
@@ -128,7 +143,8 @@ def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: 
     nbytes: Counter[str] = Counter()
     examples: list[dict[str, str]] = []
     row = 0
-    for t in progress(tables, desc="dedup, pack, write", unit="unit"):
+    for unit in progress(range(state["units"]), desc="dedup, pack, write", unit="unit"):
+        t = _open(work, unit)
         lang = _column(t, "language")
         col = t.column("tokens").combine_chunks()
         offsets, values = col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
@@ -148,6 +164,7 @@ def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: 
             ntok[name] += int(b - a)
             nbytes[name] += int(n_bytes[r])
         row += t.num_rows
+        del t, col, offsets, values, mcol  # unmap before the next spool
     for p in packers:
         p.flush()
     shards = writer.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ PAD = "<pad>"
 # the reversible whitespace normalisation.
 MARKERS = ["[descr]", "[eoc]", "[MASK]", "[sos]", "[new_line]", "[indent]", "[dedent]"]
 META_SPACE = "\u2581"
+_SEGMENT = re.compile(r" +[^ ]*|[^ ]+")
 
 
 def special_symbols() -> list[str]:
@@ -105,6 +107,8 @@ class CodeTokenizer:
         self.pad_id = self._require(PAD)
         self._meta_bytes = [self._require(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
         self.token_dtype = np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.uint32)
+        self._cache: dict[str, list[int]] = {}
+        self.cache_entries = 500_000  # segments; cleared when exceeded (about 100 MB at most)
 
     def _require(self, piece: str) -> int:
         pid = self.sp.piece_to_id(piece)
@@ -128,15 +132,42 @@ class CodeTokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts at once (SentencePiece's own threads for the plain ones)."""
-        plain = [i for i, t in enumerate(texts) if META_SPACE not in t]
+        """Encode many texts; the same ids as :meth:`encode`, several times faster on code.
+
+        Each text is cut into segments at the start of every run of spaces (``" +[^ ]*|[^ ]+"``). No vocabulary
+        piece crosses such a point (training splits words there), so encoding the segments one by one gives
+        SentencePiece's own result; repeated segments (indentation plus a keyword, ``return``, ``}``, ...)
+        are encoded once and then taken from a per-process cache. Texts holding a space-containing symbol
+        (a language tag) or U+2581 take the plain path.
+        """
         out: list[list[int]] = [[] for _ in texts]
-        if plain:
-            for i, ids in zip(plain, self.sp.encode([texts[i] for i in plain])):
-                out[i] = ids
+        cache = self._cache
+        if len(cache) > self.cache_entries:
+            cache.clear()
+        plain: list[int] = []
+        pending: dict[str, None] = {}
+        split: list[list[str] | None] = []
         for i, t in enumerate(texts):
-            if META_SPACE in t:
-                out[i] = self.encode(t)
+            if META_SPACE in t or "language:" in t:
+                plain.append(i)
+                split.append(None)
+                continue
+            found: list[str] = _SEGMENT.findall(t)
+            split.append(found)
+            for seg in found:
+                if seg not in cache:
+                    pending[seg] = None
+        if pending:
+            missing = list(pending)
+            cache.update(zip(missing, self.sp.encode(missing)))
+        for i, segments in enumerate(split):
+            if segments is not None:
+                ids: list[int] = []
+                for seg in segments:
+                    ids += cache[seg]
+                out[i] = ids
+        for i in plain:
+            out[i] = self.encode(texts[i])
         return out
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -51,3 +51,15 @@ def test_digits_are_split_and_indentation_is_grouped(tokenizer_model):
     assert [p for p in pieces if p.strip("\u2581").isdigit()] == ["1", "2", "3", "4", "5"]
     indent = list(tok.pieces(tok.encode("        return")))
     assert indent[0].strip("\u2581") == "" and len(indent[0]) >= 4
+
+
+def test_segment_cached_batch_encoding_equals_sentencepiece(tokenizer_model, corpus):
+    tok = CodeTokenizer(tokenizer_model)
+    cfg = load_config(TokenizerConfig, values={"inputs": [*corpus[0], "default"], "output": "unused",
+                                               "max_input_mb_per_language": 0.25})
+    texts = list(training_texts(cfg, Counter()))
+    texts += ["x  = 1\n\n    y", "   ", " lead and trail ", "a // language: C++ b", "tab\t x \u2581 y"]
+    for chunk in range(0, len(texts), 50):  # the cache carries over between calls
+        batch = texts[chunk:chunk + 50]
+        assert tok.encode_batch(batch) == [list(tok.sp.encode(t)) if "\u2581" not in t else tok.encode(t) for t in batch]
+    assert tok._cache  # segments were cached
