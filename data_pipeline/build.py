@@ -60,27 +60,48 @@ class UnitProcessor:
     def __init__(self, cfg: BuildConfig, work: Path, contamination: ContaminationIndex | None) -> None:
         self.cfg, self.work = cfg, work
         self.tokenizer = CodeTokenizer(cfg.tokenizer)
+        if cfg.workers > 1:
+            self.tokenizer.threads = 1  # the pool already uses every core
         self.checker = SyntaxChecker(cfg.filters.max_parse_error_fraction)
         self.minhash = MinHasher(cfg.dedup) if cfg.dedup.near else None
         self.contamination = contamination
         self.eod = self.tokenizer.eod_id
 
     def _tokens(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Token ids (tag line, text, end-of-document) and, for pairs, the per-token modality."""
-        tok = self.tokenizer
-        whole = [i for i, d in enumerate(docs) if d.pair is None]
-        encoded = dict(zip(whole, tok.encode_batch([docs[i].text for i in whole])))
+        """Token ids (tag line, text, end-of-document) and, for pairs, the per-token modality.
+
+        Encoded about 1 MiB of text at a time, so a unit's token lists never all exist at once.
+        """
+        tok, dtype = self.tokenizer, self.tokenizer.token_dtype
         out: list[tuple[np.ndarray, np.ndarray | None]] = []
-        for i, d in enumerate(docs):
-            tag = tok.tag_ids(d.language)
-            if d.pair is None:
-                out.append((np.array([*tag, *encoded[i], self.eod], dtype=np.int64), None))
-                continue
-            prefix = [*tag, tok.piece_id("[descr]"), *tok.encode(d.pair.docstring + "\n"), tok.piece_id(d.language.code_marker)]
-            code = [*tok.encode(d.pair.code), tok.piece_id("[eoc]"), self.eod]
-            modality = np.array([MODALITY_DOCSTRING] * len(prefix) + [MODALITY_CODE] * len(code), dtype=np.uint8)
-            out.append((np.array(prefix + code, dtype=np.int64), modality))
+        start = 0
+        while start < len(docs):
+            end, size = start, 0
+            while end < len(docs) and size < 1 << 20:
+                size += len(docs[end].text)
+                end += 1
+            chunk = docs[start:end]
+            whole = [i for i, d in enumerate(chunk) if d.pair is None]
+            encoded = dict(zip(whole, tok.encode_arrays([chunk[i].text for i in whole])))
+            for i, d in enumerate(chunk):
+                out.append(self._document(d, encoded.get(i), dtype))
+            start = end
         return out
+
+    def _document(self, d: Document, ids: np.ndarray | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+        tok = self.tokenizer
+        tag = tok.tag_ids(d.language)
+        if d.pair is None:
+            assert ids is not None
+            arr = np.empty(len(tag) + len(ids) + 1, dtype=dtype)
+            arr[:len(tag)] = tag
+            arr[len(tag):-1] = ids
+            arr[-1] = self.eod
+            return arr, None
+        prefix = [*tag, tok.piece_id("[descr]"), *tok.encode(d.pair.docstring + "\n"), tok.piece_id(d.language.code_marker)]
+        code = [*tok.encode(d.pair.code), tok.piece_id("[eoc]"), self.eod]
+        modality = np.array([MODALITY_DOCSTRING] * len(prefix) + [MODALITY_CODE] * len(code), dtype=np.uint8)
+        return np.array(prefix + code, dtype=dtype), modality
 
     def __call__(self, unit: Unit) -> dict[str, Any]:
         skips: Counter[str] = Counter()

@@ -57,7 +57,7 @@ def check_text(data: bytes, cfg: FilterConfig) -> str:
     except UnicodeDecodeError:
         raise Skip("invalid_utf8") from None
     lines = text.split("\n")
-    longest = max(len(line) for line in lines)
+    longest = max(map(len, lines))
     if longest > cfg.max_line_length:
         raise Skip("line_too_long")
     if len(text) / len(lines) > cfg.max_avg_line_length:

@@ -46,8 +46,10 @@ def inspect_store(path: str | Path, samples: int = 3, chars: int = 600, tokenize
         from data_pipeline.tokenizer import CodeTokenizer
 
         tok = CodeTokenizer(tokenizer_path or m["tokenizer"]["path"])
-        rng = np.random.default_rng(0)
-        for i in sorted(rng.choice(len(store), size=min(samples, len(store)), replace=False).tolist()):
+        order = np.random.default_rng(0).permutation(len(store))[:1000].tolist()
+        starts_inside = [i for i in order if len(store[i].doc_starts) > 0]  # show boundaries where there are some
+        picked = (starts_inside + [i for i in order if i not in set(starts_inside)])[:samples]
+        for i in sorted(picked):
             s = store[i]
             text = decode_sample(tok, s.tokens, s.doc_starts, s.num_tokens, chars)
             shown.append({"window": i, "language": LANGUAGES[s.language].name, "doc_starts": s.doc_starts.tolist(),

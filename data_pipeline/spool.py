@@ -109,7 +109,7 @@ def _duplicates(cfg: BuildConfig, work: Path, rows: np.ndarray, hashes: np.ndarr
     def signature(i: int) -> np.ndarray:
         unit = int(np.searchsorted(starts, i, side="right") - 1)
         if unit not in opened:
-            if len(opened) > 64:
+            if len(opened) >= 8:  # a few spools mapped at a time
                 opened.clear()
             opened[unit] = _fixed(_open(work, unit), "signature")
         return opened[unit][i - starts[unit]]
