@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.languages import Language, get_language, language_for_path
+from launch.config import option
 
 
 @dataclass
@@ -49,9 +50,9 @@ class Unit:
 class RecordFields:
     """Field names in ``.jsonl`` and Parquet records."""
 
-    content: str = "content"
-    language: str = "language"
-    path: str = "path"
+    content: str = option("content", "field holding the document's text")
+    language: str = option("language", "field naming its language (optional; else the path's extension decides)")
+    path: str = option("path", "field holding its file name (optional; used to classify by extension)")
 
 
 def _record_language(rec: dict[str, Any], fields: RecordFields) -> Language | None:

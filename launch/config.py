@@ -222,6 +222,6 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        tname = str(tp).replace("typing.", "") if get_origin(tp) else getattr(tp, "__name__", str(tp))
         rows.append((key, tname, default, f.metadata.get("help", "")))
     return rows
