@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -140,8 +141,9 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = CodeTokenizer(cfg.tokenizer)
-    units, skips = enumerate_units(expand_inputs(cfg.inputs), int(cfg.unit_mb * 2**20), cfg.filters.max_file_bytes,
-                                   int(cfg.max_input_mb_per_language * 2**20))
+    with progress(desc="list inputs", unit=" files") as bar:
+        units, skips = enumerate_units(expand_inputs(cfg.inputs), int(cfg.unit_mb * 2**20), cfg.filters.max_file_bytes,
+                                       int(cfg.max_input_mb_per_language * 2**20), on_file=lambda: bar.update(1))
     state = {"identity": spool_identity(cfg, tokenizer), "units": len(units), "enumeration_skips": dict(skips),
              "tokenizer": {"path": str(cfg.tokenizer), "sha256": tokenizer.fingerprint,
                            "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
@@ -183,8 +185,23 @@ def run_phase_a(cfg: BuildConfig, work: Path, units: list[Unit]) -> None:
     bar.close()
 
 
+def up_to_date(cfg: BuildConfig) -> dict[str, Any] | None:
+    """The manifest of a finished store built from the same inputs and settings, else None."""
+    manifest_path = Path(cfg.output) / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    identity = spool_identity(cfg, CodeTokenizer(cfg.tokenizer))
+    same_pack = manifest.get("config", {}).get("pack") == to_dict(cfg)["pack"]
+    return manifest if manifest.get("identity") == identity and same_pack else None
+
+
 def run_build(cfg: BuildConfig, command: list[str]) -> dict[str, Any] | None:
     """The whole build (or, with several shards, this machine's part of phase A). Returns the manifest."""
+    done = up_to_date(cfg)
+    if done is not None:
+        log.info("store %s is up to date (%d windows); nothing to do", cfg.output, done["total_windows"])
+        return done
     work, units, state = prepare(cfg)
     log.info("%d work unit(s) from %d input(s); enumeration skipped %s", len(units), len(cfg.inputs),
              state["enumeration_skips"] or "nothing")
@@ -206,10 +223,28 @@ def merge(cfg: BuildConfig, command: list[str]) -> dict[str, Any]:
         raise ValueError(f"{out}: {len(missing)} unit(s) not spooled yet (first: {missing[:5]}); "
                          "run the remaining parts of `codegeex data build` first")
     manifest = merge_spools(cfg, work, state, progress)
+    manifest["identity"] = state["identity"]
     manifest["command"] = command
     manifest["config"] = to_dict(cfg)
     write_json_atomic(out / "manifest.json", manifest)
-    log.info("store %s: %d windows of %d tokens in %d shard(s), padding %.2f%%", out, manifest["total_windows"],
-             manifest["window"], len(manifest["shards"]), 100 * manifest["padding_fraction"])
+    log_summary(manifest)
+    if not cfg.keep_work:
+        shutil.rmtree(work)
     return manifest
+
+
+def log_summary(m: dict[str, Any]) -> None:
+    """One line per step with its counts."""
+    skips = m["skips"]
+    read = ("unreadable", "symlink_loop", "duplicate_directory", "not_a_training_language", "over_language_cap",
+            "malformed_record")
+    filtered = ("empty", "too_large", "binary", "invalid_utf8", "avg_line_too_long", "line_too_long", "parse_error")
+    fmt = lambda keys: ", ".join(f"{k} {skips[k]:,}" for k in keys if skips.get(k)) or "none"  # noqa: E731
+    log.info("read: skipped %s", fmt(read))
+    log.info("filters: skipped %s", fmt(filtered))
+    log.info("dedup and decontamination: dropped %s", fmt(("exact_duplicate", "near_duplicate", "contaminated")))
+    log.info("tokenized: %s documents, %s tokens (%s)", f"{m['total_documents']:,}", f"{m['total_tokens']:,}",
+             ", ".join(f"{k} {v['tokens']:,}" for k, v in sorted(m["languages"].items(), key=lambda kv: -kv[1]["tokens"])))
+    log.info("packed: %s windows of %d tokens in %d shard(s), padding %.2f%%; store %s", f"{m['total_windows']:,}",
+             m["window"], len(m["shards"]), 100 * m["padding_fraction"], m["config"]["output"])
 

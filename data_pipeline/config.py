@@ -43,6 +43,7 @@ class BuildConfig:
     max_input_mb_per_language: float = option(0.0, "read at most this many MiB of files per language (0: no cap)")
     num_shards: int = option(1, "split the work across this many machines (a SLURM array); merge afterwards")
     shard_index: int = option(0, "this machine's part, 0 <= shard_index < num_shards")
+    keep_work: bool = option(False, "keep the per-unit spools in OUTPUT/.work after the store is written")
     fields: RecordFields = option(RecordFields, "field names in .jsonl and Parquet records")
     filters: FilterConfig = option(FilterConfig, "per-document filters")
     dedup: DedupConfig = option(DedupConfig, "exact and near deduplication")

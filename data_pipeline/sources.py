@@ -15,7 +15,7 @@ import os
 import stat
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,9 @@ def _record_language(rec: dict[str, Any], fields: RecordFields) -> Language | No
 class _Enumerator:
     """Walks the inputs once, grouping files into units of about ``unit_bytes`` and counting what it skips."""
 
-    def __init__(self, unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int) -> None:
+    def __init__(self, unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int,
+                 on_file: Callable[[], None] | None = None) -> None:
+        self.on_file = on_file
         self.unit_bytes = unit_bytes
         self.max_file_bytes = max_file_bytes
         self.cap = max_bytes_per_language
@@ -80,6 +82,8 @@ class _Enumerator:
         self.roots: set[str] = set()  # directories given as inputs: another root's walk does not enter them
 
     def _add_file(self, path: str, size: int, lang: Language | None) -> None:
+        if self.on_file is not None:
+            self.on_file()
         if size > self.max_file_bytes:
             self.skips["too_large"] += 1
             return
@@ -213,10 +217,12 @@ class _Enumerator:
 
 
 def enumerate_units(
-    inputs: list[tuple[str, Language | None]], unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int = 0
+    inputs: list[tuple[str, Language | None]], unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int = 0,
+    on_file: Callable[[], None] | None = None,
 ) -> tuple[list[Unit], Counter[str]]:
-    """Turn inputs (path, optional language override) into work units and the skip counts of enumeration."""
-    en = _Enumerator(unit_bytes, max_file_bytes, max_bytes_per_language)
+    """Turn inputs (path, optional language override) into work units and the skip counts of enumeration;
+    ``on_file`` is called for every file seen (for a progress bar)."""
+    en = _Enumerator(unit_bytes, max_file_bytes, max_bytes_per_language, on_file)
     en.roots = {os.path.realpath(p) for p, _ in inputs if os.path.isdir(p)}
     for raw, lang in inputs:
         path = str(Path(raw))

@@ -82,6 +82,16 @@ def test_shards_are_byte_identical_whatever_the_parallelism(store, corpus, token
     assert shard_bytes(tmp_path / "parts") == reference
 
 
+def test_finished_store_is_reused_and_spools_removed(store, corpus, tokenizer_model, caplog):
+    out, m = store
+    assert not (out / ".work").exists()
+    before = [f.stat().st_mtime_ns for f in sorted((out / "shards").glob("*.arrow"))]
+    with caplog.at_level("INFO"):
+        again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
+    assert "is up to date" in caplog.text and again["total_windows"] == m["total_windows"]
+    assert [f.stat().st_mtime_ns for f in sorted((out / "shards").glob("*.arrow"))] == before
+
+
 def test_resuming_with_other_settings_is_refused(store, corpus, tokenizer_model, tmp_path):
     build(corpus[0], tokenizer_model, tmp_path / "a", num_shards=2, shard_index=0)
     with pytest.raises(ValueError, match="holds unfinished work from another configuration"):
@@ -153,7 +163,7 @@ def test_inspect_shows_languages_skips_and_marked_samples(store, capsys):
 def test_killed_build_resumes_with_nothing_lost_or_duplicated(tokenizer_model, tmp_path):
     inputs = ["default"]
     args = ["--tokenizer", tokenizer_model, "--seq-len", "128", "--workers", "1", "max_input_mb_per_language=0.5",
-            "unit_mb=0.05", "dedup.near=false"]
+            "unit_mb=0.05", "dedup.near=false", "keep_work=true"]
     cmd = [sys.executable, "-m", "launch.cli", "data", "build", "--input", *inputs, "--output"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, str(killed), *args], stderr=subprocess.DEVNULL, start_new_session=True)
