@@ -1,0 +1,30 @@
+"""The `codegeex` command: groups, help, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from launch.cli import main
+
+
+def test_help_lists_the_data_group():
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "data" in out
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "data", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ("build", "merge", "tokenizer", "inspect"):
+        assert cmd in out
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, caplog, tokenizer_model):
+    args = ["data", "build", "--input", str(tmp_path), "--tokenizer", tokenizer_model, "--output", str(tmp_path / "o")]
+    assert main([*args, "pack.sq_len=3"]) == 2
+    assert "unknown key(s) ['sq_len'] in section 'pack'; valid keys: mode, open_windows, seq_len, shard_mb" in caplog.text
+    assert main([*args, "--seq-len", "4"]) == 2
+    assert "pack.seq_len (4) must be at least 8" in caplog.text
+    assert main(["data", "build", "--input", str(tmp_path / "missing"), "--tokenizer", tokenizer_model,
+                 "--output", str(tmp_path / "o2")]) == 1
+    assert "missing does not exist" in caplog.text
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    assert "manifest.json does not exist" in caplog.text
