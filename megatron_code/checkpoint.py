@@ -1,0 +1,185 @@
+"""Model checkpoints: tensor-parallel shards in safetensors beside a JSON manifest; resharding to any TP size.
+
+Layout::
+
+    DIR/manifest.json                  format, model config, TP size, step, tokenizer, git revision, tensor specs
+    DIR/model-tp00-of-02.safetensors   one file per tensor-parallel rank
+
+A tensor's spec gives its full shape and the dimension it is split along (None: replicated). Loading into another
+TP size reads, for each rank, only the slices it needs (safetensors reads slices without loading whole files).
+Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from launch.config import load_config, to_dict
+from megatron_code.config import ModelConfig
+from megatron_code.model import CodeGeeXModel
+from megatron_code.parallel import ParallelContext
+
+FORMAT = "codegeex-checkpoint"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def shard_name(rank: int, tp: int) -> str:
+    return f"model-tp{rank:02d}-of-{tp:02d}.safetensors"
+
+
+def tensor_specs(model: CodeGeeXModel) -> dict[str, dict[str, Any]]:
+    """name -> {"shape": full shape, "partition_dim": int or None}."""
+    specs = {}
+    for name, p in model.named_parameters():
+        dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= model.pc.tp_size
+        specs[name] = {"shape": shape, "partition_dim": dim}
+    return specs
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write this rank's shard (data-parallel rank 0 of each TP group) and, on global rank 0, the manifest."""
+    path = Path(path)
+    pc = model.pc
+    if pc.dp_rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}
+        save_file(state, str(path / shard_name(pc.tp_rank, pc.tp_size)))
+    if pc.rank == 0:
+        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": to_dict(model.cfg),
+                    "tp_size": pc.tp_size, "step": step, "git_revision": git_revision(),
+                    "tensors": tensor_specs(model), **(extra or {})}
+        tmp = path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, path / MANIFEST)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist: {path} is not a checkpoint directory")
+    manifest = json.loads(f.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{f}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return dict(manifest)
+
+
+def model_config(manifest: dict[str, Any]) -> ModelConfig:
+    return load_config(ModelConfig, values=manifest["model"])
+
+
+def _slice(spec: dict[str, Any], old_tp: int, new_tp: int, rank: int,
+           read: Callable[[int, tuple[slice, ...]], Tensor]) -> Tensor:
+    """Rank ``rank``'s piece under ``new_tp`` of a tensor stored as ``old_tp`` shards; read(shard, index)."""
+    dim = spec["partition_dim"]
+    if dim is None:
+        return read(0, ())
+    full = spec["shape"][dim]
+    for tp in (old_tp, new_tp):
+        if full % tp:
+            raise ValueError(f"dimension {dim} of size {full} cannot be split {tp} ways")
+    old_part, new_part = full // old_tp, full // new_tp
+    lo, hi = rank * new_part, (rank + 1) * new_part
+    pieces = []
+    for k in range(lo // old_part, (hi - 1) // old_part + 1):
+        a, b = max(lo, k * old_part) - k * old_part, min(hi, (k + 1) * old_part) - k * old_part
+        index = tuple(slice(None) for _ in range(dim)) + (slice(a, b),)
+        pieces.append(read(k, index))
+    return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
+
+
+def reshard(shards: list[dict[str, Tensor]], specs: dict[str, dict[str, Any]], new_tp: int) -> list[dict[str, Tensor]]:
+    """In-memory resharding of full sets of shards (works on the meta device)."""
+    old_tp = len(shards)
+
+    def reader(name: str) -> Callable[[int, tuple[slice, ...]], Tensor]:
+        return lambda k, idx: shards[k][name][idx]
+
+    return [{name: _slice(spec, old_tp, new_tp, r, reader(name)) for name, spec in specs.items()} for r in range(new_tp)]
+
+
+def load_shard(path: str | Path, tp_rank: int, tp_size: int) -> dict[str, Tensor]:
+    """The state of rank ``tp_rank`` under ``tp_size``, reading only the slices it needs."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    old_tp = manifest["tp_size"]
+    handles = [safe_open(str(path / shard_name(k, old_tp)), framework="pt") for k in range(old_tp)]
+
+    def reader(name: str) -> Callable[[int, tuple[slice, ...]], Tensor]:
+        return lambda k, idx: handles[k].get_slice(name)[idx] if idx else handles[k].get_tensor(name)
+
+    return {name: _slice(spec, old_tp, tp_size, tp_rank, reader(name)) for name, spec in manifest["tensors"].items()}
+
+
+def load_checkpoint(path: str | Path, model: CodeGeeXModel) -> dict[str, Any]:
+    """Load weights into ``model`` (any TP size); returns the manifest."""
+    manifest = read_manifest(path)
+    mine = model_config(manifest)
+    if to_dict(mine) != to_dict(model.cfg):
+        diff = {k: (v, to_dict(model.cfg)[k]) for k, v in to_dict(mine).items() if to_dict(model.cfg)[k] != v}
+        raise ValueError(f"{path}: checkpoint's model config differs from the model's: {diff}")
+    load_parameters(model, load_shard(path, model.pc.tp_rank, model.pc.tp_size), str(path))
+    return manifest
+
+
+def load_parameters(model: CodeGeeXModel, state: dict[str, Tensor], source: str) -> None:
+    """Copy ``state`` into the model's parameters; every parameter must be there with its shape, nothing else."""
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{source}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model wants {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+def load_model(path: str | Path, pc: ParallelContext, overrides: dict[str, Any] | None = None) -> CodeGeeXModel:
+    """Build the model a checkpoint describes, for this parallel context, and load it."""
+    manifest = read_manifest(path)
+    cfg = load_config(ModelConfig, values={**manifest["model"], **(overrides or {})})
+    model = CodeGeeXModel(cfg, pc, initialize=False)
+    load_parameters(model, load_shard(path, pc.tp_rank, pc.tp_size), str(path))
+    return model
+
+
+def full_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(manifest, the whole model's state at TP=1) without any process group."""
+    return read_manifest(path), load_shard(path, 0, 1)
+
+
+def write_full_state(path: str | Path, manifest: dict[str, Any], state: dict[str, Tensor], tp: int) -> None:
+    """Write a TP=1 state as a ``tp``-way checkpoint (conversion, no process group)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    specs = manifest["tensors"]
+    for r, shard in enumerate(reshard([state], specs, tp)):
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(path / shard_name(r, tp)))
+    (path / MANIFEST).write_text(json.dumps({**manifest, "tp_size": tp}, indent=1) + "\n")

@@ -1,0 +1,108 @@
+"""Model FLOPs per token and a per-rank memory estimate.
+
+FLOPs, training (forward + backward = 3 x forward), per token:
+
+    6 * N_matmul  +  attention
+
+``N_matmul`` counts the parameters of every matrix multiply: the QKV, output and MLP weights of all layers (the
+top-query layer included) and the word embedding once, as the tied output projection. Embedding lookups, biases and
+LayerNorms are left out. The attention term counts QKᵀ and AV (2 matmuls, 2 FLOPs per multiply-add) times 3:
+
+- ``megatron``: the full square, every token attends to ``seq_len`` keys: ``12 * L * seq_len * h`` per token. This
+  is what Megatron-LM and most published MFU figures use.
+- ``causal``: what per-document causal attention actually computes, ``sum_i L_i (L_i + 1) / 2`` query-key pairs
+  for documents of lengths ``L_i`` in a window: ``12 * L * h * sum_i L_i (L_i + 1) / 2 / seq_len`` per token.
+
+Memory per rank (bytes): parameters, gradients and Adam states (fp32 master, m, v) sharded by ZeRO stage across
+data-parallel ranks, and activations per Megatron's count (Korthikanti et al. 2022) for one micro-batch:
+``s*b*h*(34 + 5*a*s/h)`` per layer without recomputation (the tensor-parallel parts divided by TP), ``34*s*b*h``
+with selective recomputation (attention scores recomputed), ``2*s*b*h`` (the layer input) with full recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_code.config import ModelConfig
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by part, for the whole model."""
+    h, f, layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.total_layers
+    per_layer = {"attention": 4 * h * h + 4 * h, "mlp": 2 * h * f + f + h, "layernorms": 4 * h}
+    counts = {
+        "word_embeddings": cfg.vocab_size * h,
+        "position_embeddings": cfg.max_position_embeddings * h,
+        "top_query_embeddings": cfg.max_position_embeddings * h if cfg.top_query_layer else 0,
+        "attention": layers * per_layer["attention"],
+        "mlp": layers * per_layer["mlp"],
+        "layernorms": layers * per_layer["layernorms"] + 2 * h,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    return cfg.total_layers * (4 * h * h + 2 * h * f) + cfg.vocab_size * h
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, doc_lengths: list[int] | None = None,
+                    convention: str = "megatron") -> float:
+    """Training FLOPs per token; ``causal`` needs the document lengths of a window (default: one document)."""
+    dense = 6.0 * matmul_parameters(cfg)
+    h, layers = cfg.hidden_size, cfg.total_layers
+    if convention == "megatron":
+        return dense + 12.0 * layers * seq_len * h
+    if convention == "causal":
+        docs = doc_lengths or [seq_len]
+        pairs = sum(n * (n + 1) / 2 for n in docs)
+        return dense + 12.0 * layers * h * pairs / seq_len
+    raise ValueError(f"convention {convention!r} must be 'megatron' or 'causal'")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int = 0, micro_batch: int = 1,
+                    seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off",
+                    optimizer_bytes_per_param: int | None = None) -> MemoryEstimate:
+    """Memory of training one rank: ``precision`` of weights and gradients; Adam keeps fp32 master weights (when the
+    precision is not fp32), m and v, i.e. 12 bytes a parameter (8 in fp32), sharded over DP by ZeRO 1 and up;
+    ZeRO 2 also shards gradients, ZeRO 3 also parameters."""
+    counts = parameter_counts(cfg)
+    h, a, s, b = cfg.hidden_size, cfg.num_attention_heads, seq_len, micro_batch
+    split = counts["word_embeddings"] + counts["attention"] + counts["mlp"]  # divided by TP (biases approximately)
+    params_local = split / tp + (counts["total"] - split)
+    w = BYTES[precision]
+    opt_bytes = optimizer_bytes_per_param if optimizer_bytes_per_param is not None else (8 if w == 4 else 12)
+    parameters = params_local * w / (dp if zero_stage >= 3 else 1)
+    gradients = params_local * w / (dp if zero_stage >= 2 else 1)
+    optimizer = params_local * opt_bytes / (dp if zero_stage >= 1 else 1)
+    act_w = w / 2  # the published counts are in 16-bit units: 34 means 34 bytes per s*b*h element in fp16
+    per_layer: float
+    if recompute == "full":
+        per_layer = 2 * s * b * h
+    elif recompute == "selective":
+        per_layer = s * b * h * (10 + 24 / tp)
+    elif recompute == "off":
+        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    else:
+        raise ValueError(f"recompute {recompute!r} must be 'off', 'selective' or 'full'")
+    logits = 4 * s * b * cfg.vocab_size / tp * 2  # fp32 logits and their softmax copy in the loss
+    activations = cfg.total_layers * per_layer * act_w + logits
+    return MemoryEstimate(parameters, gradients, optimizer, activations)

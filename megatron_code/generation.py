@@ -1,0 +1,109 @@
+"""Batched sampling with a KV cache, under tensor parallelism.
+
+Prompts of different lengths are left-padded: padding gets segment id -1 (never attended to by real tokens) and
+positions start at 0 on each prompt's first real token. Every tensor-parallel rank gathers the full-vocabulary
+logits of the last position and samples with the same seeded generator, so all ranks pick the same token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from torch import Tensor
+
+from launch.config import option
+from megatron_code.attention import MaskInfo
+from megatron_code.model import CodeGeeXModel, KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are chosen."""
+
+    max_new_tokens: int = option(128, "tokens to generate at most per prompt")
+    greedy: bool = option(False, "take the most likely token (temperature, top-p and top-k are then ignored)")
+    temperature: float = option(0.8, "softmax temperature")
+    top_p: float = option(0.95, "nucleus sampling: smallest set of tokens with at least this probability (1: off)")
+    top_k: int = option(0, "sample among the k most likely tokens (0: off)")
+    seed: int = option(1234, "seed of the sampling generator (same on every tensor-parallel rank)")
+
+    def validate(self) -> None:
+        if self.temperature <= 0 and not self.greedy:
+            raise ValueError(f"temperature ({self.temperature}) must be positive (or set greedy=true)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+
+
+def filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """logits (B, V) -> logits with the tokens outside top-k / top-p set to -inf."""
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= cfg.top_p  # keep the first token past the threshold
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
+    """Vocab-parallel (B, V/tp) -> full (B, V) on every rank."""
+    if model.pc.tp_size == 1:
+        return logits
+    return gather_from_tensor_model_parallel_region(logits, group=model.pc.tp_group)
+
+
+@torch.no_grad()
+def generate(
+    model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt. Generation of a prompt ends at ``eod_id``, when ``stop(i, new_tokens)`` says so
+    (the caller's per-language rules), or after ``max_new_tokens``."""
+    model.eval()
+    device = next(model.parameters()).device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
+    seg = torch.full((b, longest), -1, dtype=torch.long, device=device)
+    pos = torch.zeros((b, longest), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        tokens[i, longest - n:] = torch.tensor(list(p), dtype=torch.long)
+        seg[i, longest - n:] = 0
+        pos[i, longest - n:] = torch.arange(n)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * b
+    cache: KVCache | None = None
+    step_tokens, step_pos = tokens, pos
+    for _ in range(cfg.max_new_tokens):
+        if int(step_pos.max()) >= model.cfg.max_position_embeddings:
+            break  # no learned position beyond this
+        logits, cache = model(step_tokens, step_pos, MaskInfo(seg), cache)  # (B, T, V/tp)
+        last = _full_logits(model, logits[:, -1].float())  # (B, V)
+        if cfg.greedy:
+            nxt = last.argmax(dim=-1)
+        else:
+            probs = torch.softmax(filter_logits(last, cfg), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        for i in range(b):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if eod_id is not None and t == eod_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if stop is not None and stop(i, out[i]):
+                done[i] = True
+        if all(done):
+            break
+        step_tokens = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        seg = torch.cat([seg, torch.zeros((b, 1), dtype=torch.long, device=device)], dim=1)
+    return out

@@ -1,0 +1,81 @@
+"""The parallel context: process groups passed explicitly, never read from globals inside our code.
+
+Ranks are laid out tensor-parallel fastest, as Megatron does: with world = TP x DP, tensor-parallel group g holds
+ranks ``[g*TP, (g+1)*TP)`` (on one node, so its all-reduces stay on NVLink) and data-parallel group t holds ranks
+``t, t+TP, t+2*TP, ...``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launch.config import ConfigError
+
+
+@dataclass
+class ParallelContext:
+    """Everything a layer or the trainer needs to know about parallelism."""
+
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    tp_group: Any  # torch.distributed.ProcessGroup
+    dp_group: Any
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def ensure_process_group() -> None:
+    """Initialise torch.distributed from the launcher's environment, or as a single gloo rank when run alone."""
+    if dist.is_initialized():
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def build_parallel_context(tp_size: int = 1) -> ParallelContext:
+    """Create the tensor- and data-parallel groups for the current world (every rank must call this)."""
+    ensure_process_group()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp_size < 1 or world % tp_size:
+        raise ConfigError(f"world size ({world}) must be a multiple of tensor_model_parallel_size ({tp_size}); "
+                          f"factors of {world}: {[f for f in range(1, world + 1) if world % f == 0]}")
+    dp_size = world // tp_size
+    tp_group = dp_group = None
+    for g in range(dp_size):  # every rank creates every group, in the same order
+        ranks = list(range(g * tp_size, (g + 1) * tp_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            tp_group = group
+    for t in range(tp_size):
+        ranks = list(range(t, world, tp_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            dp_group = group
+    return ParallelContext(tp_size, rank % tp_size, dp_size, rank // tp_size, tp_group, dp_group, rank, world)
+
+
+def single_context() -> ParallelContext:
+    """TP=1, DP=1 in this process (a one-rank gloo group, which megatron-core's layers need)."""
+    ensure_process_group()
+    if dist.get_world_size() != 1:
+        raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
+    group = dist.new_group([0])
+    return ParallelContext(1, 0, 1, 0, group, group, 0, 1)

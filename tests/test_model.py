@@ -1,0 +1,151 @@
+"""The model on one process: shapes, the 13B count, per-document attention, backends, KV cache, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch.config import ConfigError
+from megatron_code.attention import BACKENDS, MaskInfo
+from megatron_code.checkpoint import full_state, load_model, reshard, save_checkpoint, tensor_specs, write_full_state
+from megatron_code.codegeex_format import from_codegeex, load_codegeex_file, to_codegeex
+from megatron_code.config import load_preset, preset_names
+from megatron_code.model import CodeGeeXModel
+from megatron_code.objectives import lm_loss, prepare_batch
+from megatron_code.parallel import single_context
+from tests.model_utils import packed_batch, tiny_config
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pc():
+    return single_context()
+
+
+def model_for(pc, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return CodeGeeXModel(tiny_config(**overrides), pc)
+
+
+def test_13b_parameter_count_on_meta_and_presets(pc):
+    cfg = load_preset("codegeex-13b")
+    with torch.device("meta"):
+        model = CodeGeeXModel(cfg, pc, initialize=False)
+    assert model.num_parameters() == 12_873_943_040
+    assert cfg.total_layers == 40 and cfg.head_dim == 128
+    assert {"codegeex-13b", "tiny", "350m", "pangu-coder-100m", "pangu-coder-350m"} <= set(preset_names())
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(40\) must be a multiple of tensor_model_parallel_size \(3\)"):
+        cfg.check_tensor_parallel(3)
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+        load_preset("huge")
+
+
+def test_packed_equals_unpacked(pc):
+    model = model_for(pc).eval()
+    batch = packed_batch()
+    inp = prepare_batch(batch)
+    logits, _ = model(inp.tokens, inp.position_ids, inp.mask)  # (B, T, V)
+    for b, starts in enumerate([[0, 7, 15, 24], [0, 11, 24]]):
+        for a, e in zip(starts, starts[1:]):
+            alone, _ = model(inp.tokens[b:b + 1, a:e], torch.arange(e - a)[None], MaskInfo(torch.zeros(1, e - a, dtype=torch.long)))
+            torch.testing.assert_close(logits[b, a:e], alone[0], **TOL)
+    loss, count = lm_loss(logits, inp, pc)
+    # the loss skips predictions across document boundaries and padding: 21 + 22 - 4 predictions
+    assert int(count) == (24 - 2) + (24 - 1 - 4)
+    assert torch.isfinite(loss)
+
+
+def test_backends_agree_with_and_without_prefix():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8) for _ in range(3))
+    seg = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    prefix = torch.zeros(2, 12, dtype=torch.bool)
+    prefix[0, 5:8] = True
+    prefix[1, :4] = True
+    for p in (None, prefix):
+        ref = BACKENDS["sdpa"](q, k, v, MaskInfo(seg, p), 0.3, 0.0)
+        torch.testing.assert_close(BACKENDS["flex"](q, k, v, MaskInfo(seg, p), 0.3, 0.0), ref, **TOL)
+        # a dense loop, the definition itself
+        mask = MaskInfo(seg, p).dense(12)[:, 0]
+        scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask[:, None], float("-inf"))
+        torch.testing.assert_close(torch.softmax(scores, -1) @ v, ref, **TOL)
+    # the prefix really is bidirectional: position 5 (in the prefix) sees 7, position 8 (after it) does not see 9
+    m = MaskInfo(seg, prefix).dense(12)[0, 0]
+    assert m[5, 7] and not m[8, 9] and not m[5, 4]
+
+
+@pytest.mark.gpu
+def test_gpu_backends_agree():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    seg = torch.cat([torch.zeros(2, 100), torch.ones(2, 156)], dim=1).long().cuda()
+    ref = BACKENDS["sdpa"](q.float(), k.float(), v.float(), MaskInfo(seg), 0.125, 0.0)
+    torch.testing.assert_close(BACKENDS["flex"](q, k, v, MaskInfo(seg), 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
+    pytest.importorskip("flash_attn")
+    torch.testing.assert_close(BACKENDS["flash"](q, k, v, MaskInfo(seg), 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kv_cache_matches_full_forward(pc, fused):
+    model = model_for(pc, fused_qkv=fused).eval()
+    tokens = torch.randint(0, 128, (2, 14))
+    pos = torch.arange(14).repeat(2, 1)
+    seg = torch.zeros(2, 14, dtype=torch.long)
+    full, _ = model(tokens, pos, MaskInfo(seg))
+    out, cache = model(tokens[:, :9], pos[:, :9], MaskInfo(seg[:, :9]))
+    steps = [out]
+    for t in range(9, 14):
+        out, cache = model(tokens[:, t:t + 1], pos[:, t:t + 1], MaskInfo(seg[:, :t + 1]), cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+
+
+def test_native_checkpoint_round_trip_and_meta_reshard_to_8(pc, tmp_path):
+    model = model_for(pc)
+    save_checkpoint(tmp_path / "ck", model, step=7, extra={"tokenizer": {"sha256": "abc"}})
+    loaded = load_model(tmp_path / "ck", pc)
+    for (n, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), n
+    manifest, state = full_state(tmp_path / "ck")
+    assert manifest["step"] == 7 and manifest["tokenizer"]["sha256"] == "abc" and manifest["tp_size"] == 1
+    write_full_state(tmp_path / "ck4", manifest, state, 4)
+    assert len(list((tmp_path / "ck4").glob("*.safetensors"))) == 4
+    assert torch.equal(full_state(tmp_path / "ck4")[1]["layers.1.mlp.dense_4h_to_h.weight"],
+                       state["layers.1.mlp.dense_4h_to_h.weight"])
+    # 13B on the meta device, split 8 ways: shapes only, no memory
+    cfg = load_preset("codegeex-13b")
+    with torch.device("meta"):
+        big = CodeGeeXModel(cfg, pc, initialize=False)
+    specs = tensor_specs(big)
+    shards = reshard([dict(big.named_parameters())], specs, 8)
+    assert shards[3]["layers.0.attention.query.weight"].shape == (640, 5120)
+    assert shards[3]["layers.0.attention.dense.weight"].shape == (5120, 640)
+    assert shards[7]["word_embeddings.weight"].shape == (6528, 5120)
+    assert shards[0]["layers.0.attention.dense.bias"].shape == (5120,)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_codegeex_layout_round_trip(pc, tmp_path, fused):
+    model = model_for(pc, fused_qkv=fused).eval()
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    obj = to_codegeex(state, model.cfg)
+    torch.save(obj, tmp_path / "codegeex.pt")
+    flat = load_codegeex_file(tmp_path / "codegeex.pt")
+    assert "embedding.word_embeddings.weight" in flat and "transformer.topQueryLayer.attention.query.weight" in flat
+    assert "transformer.layers.1.attention.key.bias" in flat
+    cfg, back = from_codegeex(flat, head_dim=8, fused_qkv=fused)
+    assert cfg == model.cfg
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    # the 13B layout has 645 tensors
+    with torch.device("meta"):
+        big = CodeGeeXModel(load_preset("codegeex-13b"), pc, initialize=False)
+    flat13 = to_codegeex(dict(big.named_parameters()), big.cfg)["module"]["language_model"]
+    count = sum(len(v) if k == "transformer" else sum(len(m) for m in v.values()) for k, v in flat13.items())
+    assert count == 645
+
+
+def test_loading_never_unpickles_objects(tmp_path):
+    torch.save({"module": {"language_model": {}}, "args": ConfigError("an arbitrary object")}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refused: the file holds objects other than tensors"):
+        load_codegeex_file(tmp_path / "evil.pt")
