@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+import torch.distributed as dist
 from torch import Tensor
 
 from launch.config import option
@@ -55,7 +55,9 @@ def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
     """Vocab-parallel (B, V/tp) -> full (B, V) on every rank."""
     if model.pc.tp_size == 1:
         return logits
-    return gather_from_tensor_model_parallel_region(logits, group=model.pc.tp_group)
+    parts = [torch.empty_like(logits) for _ in range(model.pc.tp_size)]  # megatron's gather allocates on CUDA
+    dist.all_gather(parts, logits.contiguous(), group=model.pc.tp_group)
+    return torch.cat(parts, dim=-1)
 
 
 @torch.no_grad()
