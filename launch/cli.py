@@ -19,6 +19,7 @@ from launch.logs import setup_logging
 # group name -> (module with register(parser), one-line help). Later jobs add their group here.
 GROUPS: dict[str, tuple[str, str]] = {
     "data": ("data_pipeline.cli", "source trees -> tokenizer and sharded Arrow token store; inspect stores"),
+    "model": ("megatron_code.cli", "model presets (parameters, FLOPs, memory), checkpoint conversion, generation"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 class RankFilter(logging.Filter):
@@ -40,3 +41,6 @@ def setup_logging(level: str | int = "INFO", rank: int | None = None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
+    for noisy in ("megatron", "torch.distributed", "deepspeed"):  # their INFO chatter is not ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -33,7 +33,25 @@ class MaskInfo:
     prefix: Tensor | None = None  # (B, Tk) bool: positions inside a bidirectional prefix
 
     def dense(self, tq: int) -> Tensor:
-        """(B, 1, Tq, Tk) bool mask: True where attention is allowed."""
+        """(B, 1, Tq, Tk) bool mask: True where attention is allowed (built once, shared by every layer)."""
+        cached = self.__dict__.get("_dense")
+        if cached is not None and cached.shape[2] == tq:
+            return cached
+        self.__dict__["_dense"] = mask = self._build(tq)
+        return mask
+
+    def additive(self, tq: int, dtype: torch.dtype) -> Tensor:
+        """(B, 1, Tq, Tk) float mask, 0 where allowed and -inf elsewhere, built once for every layer (given as a
+        boolean, SDPA would convert it to this in each layer and keep each copy for backward)."""
+        cached = self.__dict__.get("_additive")
+        if cached is not None and cached.shape[2] == tq and cached.dtype == dtype:
+            return cached
+        allowed = self.dense(tq)
+        self.__dict__["_additive"] = mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, float("-inf"))
+        return mask
+
+    def _build(self, tq: int) -> Tensor:
         seg = self.segment_ids
         tk = seg.shape[1]
         qi = torch.arange(tk - tq, tk, device=seg.device)
@@ -65,7 +83,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: MaskInfo, scale: float, dropout: float) -> Tensor:
     """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[2]), dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.shape[2], q.dtype), dropout_p=dropout,
+                                          scale=scale)
 
 
 _compiled_flex: Any = None

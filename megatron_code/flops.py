@@ -14,9 +14,8 @@ LayerNorms are left out. The attention term counts QKᵀ and AV (2 matmuls, 2 FL
   for documents of lengths ``L_i`` in a window: ``12 * L * h * sum_i L_i (L_i + 1) / 2 / seq_len`` per token.
 
 Memory per rank (bytes): parameters, gradients and Adam states (fp32 master, m, v) sharded by ZeRO stage across
-data-parallel ranks, and activations per Megatron's count (Korthikanti et al. 2022) for one micro-batch:
-``s*b*h*(34 + 5*a*s/h)`` per layer without recomputation (the tensor-parallel parts divided by TP), ``34*s*b*h``
-with selective recomputation (attention scores recomputed), ``2*s*b*h`` (the layer input) with full recomputation.
+data-parallel ranks, and activations (:func:`activation_bytes`) counted for this implementation the way Megatron's
+paper counts its own (Korthikanti et al. 2022: ``34sbh + 5as^2b`` bytes per layer in fp16 with dropout).
 """
 
 from __future__ import annotations
@@ -78,6 +77,34 @@ class MemoryEstimate:
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, seq_len: int, width: int, recompute: str) -> float:
+    """Bytes kept for backward by one micro-batch, counted for this implementation (checked against the tensors
+    autograd actually saves in tests/test_flops.py).
+
+    Per layer, in elements of ``width`` bytes: LayerNorm inputs 2sbh, the shared QKV input sbh, q, k, v and the
+    attention output 4sbh, the output projection's input sbh, the MLP input sbh, FastGELU's input and output 2sbf
+    (the tensor-parallel parts divided by TP): ``9sbh + 2sbf`` in all, Megatron's 34sbh without dropout masks for
+    f = 4h. Attention saves no s x s matrix (flash-style kernels keep the log-sum-exp); with dropout the probability
+    matrix and its mask are kept (``a s^2 b`` elements and bytes), and each dropout keeps a one-byte mask of sbh.
+    Once per model: the additive document mask (b s^2 elements), the embeddings' output, the final LayerNorm and output
+    projection inputs (3sbh), and the loss's fp32 softmax (s b V / tp, 4 bytes).
+    """
+    h, f, a, s, b = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, seq_len, micro_batch
+    per_layer: float
+    if recompute == "full":
+        per_layer = s * b * h * width  # the layer input; the rest is recomputed in backward
+    elif recompute in ("off", "selective"):
+        per_layer = (4 * s * b * h + (5 * s * b * h + 2 * s * b * f) / tp) * width
+        if cfg.hidden_dropout > 0:
+            per_layer += 3 * s * b * h  # one-byte masks after attention, after the MLP, (embeddings: once)
+        if cfg.attention_dropout > 0 and recompute == "off":
+            per_layer += a * s * s * b / tp * (width + 1)  # probabilities kept for the dropout, and its mask
+    else:
+        raise ValueError(f"recompute {recompute!r} must be 'off', 'selective' or 'full'")
+    once = b * s * s * width + 3 * s * b * h * width + 4 * s * b * cfg.vocab_size / tp
+    return float(cfg.total_layers * per_layer + once)
+
+
 def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int = 0, micro_batch: int = 1,
                     seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off",
                     optimizer_bytes_per_param: int | None = None) -> MemoryEstimate:
@@ -85,7 +112,6 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     precision is not fp32), m and v, i.e. 12 bytes a parameter (8 in fp32), sharded over DP by ZeRO 1 and up;
     ZeRO 2 also shards gradients, ZeRO 3 also parameters."""
     counts = parameter_counts(cfg)
-    h, a, s, b = cfg.hidden_size, cfg.num_attention_heads, seq_len, micro_batch
     split = counts["word_embeddings"] + counts["attention"] + counts["mlp"]  # divided by TP (biases approximately)
     params_local = split / tp + (counts["total"] - split)
     w = BYTES[precision]
@@ -93,16 +119,5 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     parameters = params_local * w / (dp if zero_stage >= 3 else 1)
     gradients = params_local * w / (dp if zero_stage >= 2 else 1)
     optimizer = params_local * opt_bytes / (dp if zero_stage >= 1 else 1)
-    act_w = w / 2  # the published counts are in 16-bit units: 34 means 34 bytes per s*b*h element in fp16
-    per_layer: float
-    if recompute == "full":
-        per_layer = 2 * s * b * h
-    elif recompute == "selective":
-        per_layer = s * b * h * (10 + 24 / tp)
-    elif recompute == "off":
-        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
-    else:
-        raise ValueError(f"recompute {recompute!r} must be 'off', 'selective' or 'full'")
-    logits = 4 * s * b * cfg.vocab_size / tp * 2  # fp32 logits and their softmax copy in the loss
-    activations = cfg.total_layers * per_layer * act_w + logits
+    activations = activation_bytes(cfg, tp, micro_batch, seq_len, w, recompute)
     return MemoryEstimate(parameters, gradients, optimizer, activations)

@@ -31,9 +31,24 @@ KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values (B, H, Tk, D
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _FastGELU(torch.autograd.Function):
+    """x * sigmoid(1.702 x), saving only x for backward (autograd's version would also keep the sigmoid)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        sig = torch.sigmoid(1.702 * x)
+        return grad * (sig + 1.702 * x * sig * (1.0 - sig))
+
+
 def fast_gelu(x: Tensor) -> Tensor:
     """CodeGeeX's FastGELU: x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
+    return _FastGELU.apply(x)
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -1,0 +1,79 @@
+"""Sampling: filters, seeds, stop rules, left padding; and the `codegeex model` commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch.cli import main
+from megatron_code.checkpoint import save_checkpoint
+from megatron_code.generation import SamplingConfig, filter_logits, generate
+from megatron_code.model import CodeGeeXModel
+from megatron_code.parallel import single_context
+from tests.model_utils import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CodeGeeXModel(tiny_config(), single_context())
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    cfg = SamplingConfig(temperature=1.0, top_p=1.0, top_k=2)
+    assert torch.isinf(filter_logits(logits, cfg)).tolist() == [[False, False, True, True]]
+    cfg = SamplingConfig(temperature=1.0, top_p=0.7, top_k=0)
+    assert torch.isinf(filter_logits(logits, cfg)).tolist() == [[False, False, True, True]]  # 0.5 + 0.25 >= 0.7
+    cfg = SamplingConfig(temperature=1.0, top_p=0.5, top_k=0)
+    assert torch.isinf(filter_logits(logits, cfg)).tolist() == [[False, True, True, True]]
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0, seed=1), pad_id=0)
+    b = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0, seed=1), pad_id=0)
+    c = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=1.0, seed=2), pad_id=0)
+    assert a == b and a != c and all(len(x) == 8 for x in a)
+
+
+def test_left_padding_does_not_change_a_prompt(model):
+    cfg = SamplingConfig(max_new_tokens=6, greedy=True)
+    alone = generate(model, [[9, 10]], cfg, pad_id=0)[0]
+    batched = generate(model, [[1, 2, 3, 4, 5, 6, 7], [9, 10]], cfg, pad_id=0)[1]
+    assert alone == batched
+
+
+def test_stop_rules_and_eod(model):
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True)
+    full = generate(model, [[3, 4]], cfg, pad_id=0)[0]
+    stopped = generate(model, [[3, 4]], cfg, pad_id=0, stop=lambda i, toks: len(toks) == 3)[0]
+    assert stopped == full[:3]
+    eod = full[2]
+    assert generate(model, [[3, 4]], cfg, pad_id=0, eod_id=eod)[0] == full[:full.index(eod)]
+
+
+def test_model_cli_info_convert_generate(model, tmp_path, capsys, caplog, tokenizer_model):
+    assert main(["model", "info", "--preset", "codegeex-13b"]) == 0
+    out = capsys.readouterr().out
+    assert "12,873,943,040 parameters" in out and "top-query" in out and "GiB" in out
+    save_checkpoint(tmp_path / "ck", model, extra={"tokenizer": {"path": tokenizer_model}})
+    assert main(["model", "convert", str(tmp_path / "ck"), "--to", "codegeex", "--output", str(tmp_path / "c.pt")]) == 0
+    assert main(["model", "convert", str(tmp_path / "c.pt"), "--to", "native", "--output", str(tmp_path / "back"),
+                 "--tp", "2", "--head-dim", "8"]) == 0
+    assert len(list((tmp_path / "back").glob("*.safetensors"))) == 2
+    assert main(["model", "convert", str(tmp_path / "back"), "--to", "safetensors",
+                 "--output", str(tmp_path / "m.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    flat = load_file(str(tmp_path / "m.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(flat[name], p.detach()), name
+    args = ["--prompt", "def f(", "--tokenizer", tokenizer_model, "max_new_tokens=5", "greedy=true"]
+    assert main(["model", "generate", "--checkpoint", str(tmp_path / "back"), *args]) == 1
+    assert "more than the model's vocab_size (128)" in caplog.text
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "big", CodeGeeXModel(tiny_config(vocab_size=1280), single_context()))
+    capsys.readouterr()
+    assert main(["model", "generate", "--checkpoint", str(tmp_path / "big"), *args]) == 0
+    assert capsys.readouterr().out.startswith("def f(")
