@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_code.attention import BACKENDS, MaskInfo, resolve_backend
 from megatron_code.config import ModelConfig
@@ -71,6 +72,7 @@ class ParallelAttention(nn.Module):
         self.heads, self.head_dim, self.fused = cfg.num_attention_heads // pc.tp_size, cfg.head_dim, fused
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.dropout = cfg.attention_dropout
+        self.recompute = False  # set by CodeGeeXModel.set_activation_checkpointing
         self.backend = cfg.attention_backend
         col = dict(config=mp, init_method=_normal(std), bias=True, gather_output=False, tp_group=pc.tp_group)
         if fused:  # output rows laid out [head, q/k/v, head_dim] so a contiguous split keeps whole heads
@@ -97,8 +99,12 @@ class ParallelAttention(nn.Module):
             k, v = self._split(self.key(x)[0]), self._split(self.value(x)[0])
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, H, Tk, D)
-        backend = resolve_backend(self.backend, q.device)
-        out = BACKENDS[backend](q, k, v, mask, self.scale, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        backend = BACKENDS[resolve_backend(self.backend, q.device)]
+        dropout = self.dropout if self.training else 0.0
+        if self.recompute and self.training:  # selective: keep q, k, v; recompute the attention core in backward
+            out = checkpoint(backend, q, k, v, mask, self.scale, dropout, use_reentrant=False)
+        else:
+            out = backend(q, k, v, mask, self.scale, dropout)  # (B, H, T, D)
         b, h, t, d = out.shape
         return self.dense(out.transpose(1, 2).reshape(b, t, h * d))[0], (k, v)  # (B, T, C)
 
@@ -165,7 +171,17 @@ class CodeGeeXModel(nn.Module):
                 for emb in (self.position_embeddings, self.top_query_embeddings):
                     if emb is not None:
                         nn.init.normal_(emb.weight, std=std)
+        self.recompute_layers = False
         self._mark_tensor_parallel()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """off; selective (recompute the attention core); full (recompute every layer from its input)."""
+        if mode not in ("off", "selective", "full"):
+            raise ValueError(f"activation_checkpointing {mode!r} must be 'off', 'selective' or 'full'")
+        self.recompute_layers = mode == "full"
+        for module in self.modules():
+            if isinstance(module, ParallelAttention):
+                module.recompute = mode == "selective"
 
     def _mark_tensor_parallel(self) -> None:
         """Tag split parameters with their partition dimension (megatron-core tags them only when it initialises)."""
@@ -187,7 +203,10 @@ class CodeGeeXModel(nn.Module):
         x = self.embedding_dropout(x)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, mask, None, cache[i] if cache else None)
+            if self.recompute_layers and self.training and cache is None:  # full: keep only each layer's input
+                x, kv = checkpoint(layer, x, mask, None, None, use_reentrant=False)
+            else:
+                x, kv = layer(x, mask, None, cache[i] if cache else None)
             new_cache.append(kv)
         x = self.final_layernorm(x)
         if self.top_query_layer is not None and self.top_query_embeddings is not None:

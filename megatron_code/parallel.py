@@ -7,6 +7,7 @@ ranks ``[g*TP, (g+1)*TP)`` (on one node, so its all-reduces stay on NVLink) and 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -37,17 +38,22 @@ class ParallelContext:
         return torch.device("cpu")
 
 
-def ensure_process_group() -> None:
-    """Initialise torch.distributed from the launcher's environment, or as a single gloo rank when run alone."""
+def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
+    """Initialise torch.distributed from the launcher's environment (torchrun, deepspeed, srun), or as a single
+    gloo rank when run alone. ``timeout`` bounds every collective."""
     if dist.is_initialized():
         return
+    timeout = timeout or datetime.timedelta(minutes=30)
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun: map SLURM's variables
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def build_parallel_context(tp_size: int = 1) -> ParallelContext:

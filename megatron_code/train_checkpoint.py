@@ -1,0 +1,95 @@
+"""Training checkpoints: everything needed to continue bit for bit, written atomically.
+
+    ROOT/step-00000100/model/          native model checkpoint (manifest + TP shards): for generation and evaluation
+    ROOT/step-00000100/deepspeed/      DeepSpeed engine: module, optimizer and ZeRO partitions, LR scheduler, loss scaler
+    ROOT/step-00000100/rng/            every rank's RNG states (safetensors)
+    ROOT/step-00000100/trainer.json    step, sampler state, skipped steps, resolved config, git revision
+    ROOT/latest                        the name of the newest complete checkpoint
+
+A checkpoint is written under ``.tmp-step-...`` and renamed when every rank has finished, then ``latest`` is
+replaced: a crash or kill during a save leaves the previous checkpoint loadable. Parameters holding NaN or Inf are
+never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from megatron_code.checkpoint import save_checkpoint
+from megatron_code.model import CodeGeeXModel
+
+LATEST = "latest"
+
+
+def _all_finite(model: CodeGeeXModel) -> bool:
+    ok = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in model.parameters()) else 0.0])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() == 1.0)
+
+
+def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeXModel, state: dict[str, Any],
+                             keep: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` (every rank calls this); returns its directory."""
+    if not _all_finite(model):
+        raise RuntimeError(f"refusing to save the checkpoint of step {step}: parameters hold NaN or Inf")
+    name = f"step-{step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_checkpoint(tmp / "model", model, step, extra)
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    (tmp / "rng").mkdir(exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng" / f"rank-{rank:05d}.safetensors"))
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(name + "\n")
+        os.replace(pointer, root / LATEST)
+        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (via ``latest``), or None."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "trainer.json").is_file() else None
+
+
+def load_training_checkpoint(path: Path, engine: Any) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, scheduler, scaler) and this rank's RNG; returns trainer.json."""
+    load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"{path / 'deepspeed'}: DeepSpeed found no checkpoint to load")
+    rng_file = path / "rng" / f"rank-{dist.get_rank():05d}.safetensors"
+    if rng_file.is_file():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return dict(json.loads((path / "trainer.json").read_text()))

@@ -1,0 +1,140 @@
+"""``codegeex train`` configuration: one dataclass per concern, validated before any process group exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data_pipeline.sampler import SamplerConfig
+from launch.config import ConfigError, load_config, option
+from megatron_code.config import PRESET_DIR, ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (CodeGeeX's defaults)."""
+
+    lr: float = option(1e-4, "peak learning rate")
+    min_lr: float = option(1e-6, "floor of the cosine decay")
+    warmup_steps: int = option(100, "linear warmup from 0 to lr")
+    decay_steps: int = option(0, "steps of cosine decay after warmup (0: until train_steps)")
+    beta1: float = option(0.9, "Adam beta1")
+    beta2: float = option(0.95, "Adam beta2")
+    eps: float = option(1e-8, "Adam epsilon")
+    weight_decay: float = option(0.1, "decoupled weight decay, not applied to biases and LayerNorms")
+    clip_grad: float = option(1.0, "global gradient-norm clipping (0: off)")
+
+
+@dataclass
+class PrecisionConfig:
+    """Training precision and fp16 dynamic loss scaling."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "fp32 on CPU; bf16 or fp16 on GPUs")
+    initial_scale_power: int = option(16, "fp16: the first loss scale is 2**this")
+    loss_scale_window: int = option(1000, "fp16: steps without overflow before the scale doubles")
+    hysteresis: int = option(2, "fp16: overflows tolerated before the scale halves")
+    min_loss_scale: float = option(1.0, "fp16: the scale never goes below this")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: atomic, a `latest` pointer, the last `keep` kept."""
+
+    dir: str = option("", "checkpoint root (default: RUN_DIR/checkpoints)")
+    interval: int = option(100, "save every this many steps (and at the end)")
+    keep: int = option(3, "keep the newest this many checkpoints")
+    resume: str = option("auto", "auto: continue from the latest checkpoint if any; none: start fresh; or a path")
+
+
+@dataclass
+class LogConfig:
+    """What is reported, where."""
+
+    interval: int = option(10, "log every this many steps")
+    tensorboard: bool = option(True, "also write TensorBoard events under RUN_DIR/tensorboard")
+    peak_tflops: float = option(0.0, "the device's peak TFLOP/s for MFU (0: from the device table; none on CPU)")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out loss."""
+
+    path: str = option("", "token store of held-out data (empty: no validation)")
+    interval: int = option(100, "validate every this many steps")
+    batches: int = option(4, "global batches per validation")
+
+
+@dataclass
+class FaultConfig:
+    """Fault handling and injection (for tests and drills)."""
+
+    max_consecutive_skipped: int = option(5, "stop with an error after this many skipped (NaN/Inf) steps in a row")
+    collective_timeout_minutes: float = option(30.0, "timeout of every collective; the error names rank and op")
+    inject_nan_steps: list[int] = option([], "make the loss NaN at these steps (fault drills)")
+    exit_after_step: int = option(0, "stop the process abruptly after this step (fault drills; 0: never)")
+
+
+@dataclass
+class TrainConfig:
+    """A training run."""
+
+    run_dir: str = option("runs/train", "logs, metrics and (by default) checkpoints go here")
+    model_preset: str = option("", "start the model section from configs/model/NAME.yaml")
+    model: ModelConfig = option(ModelConfig, "the model")
+    tp: int = option(1, "tensor-parallel size; data-parallel size = world size / tp")
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (sharded over data-parallel ranks only)")
+    micro_batch_size: int = option(1, "samples per forward on one rank")
+    train_steps: int = option(100, "optimizer steps")
+    seed: int = option(1234, "seed of initialisation (the sampler has its own)")
+    activation_checkpointing: Literal["off", "selective", "full"] = option(
+        "off", "selective: recompute attention in backward; full: recompute every layer from its input")
+    data: SamplerConfig = option(SamplerConfig, "training data (data.global_batch_size is the global batch)")
+    validation: ValidationConfig = option(ValidationConfig, "held-out loss")
+    optim: OptimConfig = option(OptimConfig, "optimizer and schedule")
+    precision: PrecisionConfig = option(PrecisionConfig, "precision and loss scaling")
+    checkpoint: CheckpointConfig = option(CheckpointConfig, "checkpoints")
+    log: LogConfig = option(LogConfig, "logging")
+    faults: FaultConfig = option(FaultConfig, "fault handling")
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.train_steps < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"train_steps ({self.train_steps}) and micro_batch_size ({self.micro_batch_size}) "
+                             "must be positive")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+    def accumulation(self, dp: int) -> int:
+        """Gradient accumulation steps; global batch = micro-batch x accumulation x DP, checked."""
+        gbs, mbs = self.data.global_batch_size, self.micro_batch_size
+        if gbs % (mbs * dp):
+            raise ConfigError(f"data.global_batch_size ({gbs}) must be a multiple of micro_batch_size ({mbs}) x "
+                              f"data-parallel size ({dp}) = {mbs * dp}")
+        return gbs // (mbs * dp)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
+    """Load a run's YAML; ``model_preset`` (in the file or overrides) fills the model section's defaults."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("model_preset=")), tree.get("model_preset"))
+    if preset:
+        preset_file = Path(preset) if Path(preset).suffix else PRESET_DIR / f"{preset}.yaml"
+        if not preset_file.is_file():
+            raise ConfigError(f"model_preset {preset!r}: no {preset_file}")
+        tree["model"] = {**(yaml.safe_load(preset_file.read_text()) or {}), **(tree.get("model") or {})}
+    values = {k: v for k, v in tree.items()}
+    try:
+        return load_config(TrainConfig, values=values, overrides=overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

@@ -1,0 +1,222 @@
+"""The training loop: DeepSpeed ZeRO over data-parallel ranks x megatron-core tensor parallelism.
+
+Every step: each data-parallel rank reads its slice of the global batch from the sampler (tensor-parallel ranks of a
+group read the same), runs ``accumulation`` micro-batches through the engine, and DeepSpeed steps (skipping, and
+counting, a step whose gradients hold NaN or Inf). Signals (SIGTERM, SIGUSR1) are agreed across ranks and end the
+run after the current step with a checkpoint and exit code 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
+from launch.config import to_dict
+from megatron_code.checkpoint import git_revision
+from megatron_code.deepspeed_glue import MPUAdapter, deepspeed_config, make_scheduler, parameter_groups
+from megatron_code.flops import flops_per_token
+from megatron_code.model import CodeGeeXModel
+from megatron_code.objectives import lm_loss, prepare_batch
+from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
+from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
+from megatron_code.train_config import TrainConfig
+
+log = logging.getLogger("codegeex.train")
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class Metrics:
+    """Rank 0 writes JSONL (always) and TensorBoard (if enabled) under the run directory."""
+
+    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+        self.enabled = rank == 0
+        self.tb: Any = None
+        if not self.enabled:
+            return
+        run = Path(cfg.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run)
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1; ranks agree on it once per step."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _peak_tflops(cfg: TrainConfig) -> float:
+    if cfg.log.peak_tflops > 0:
+        return cfg.log.peak_tflops
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSampler]:
+    """Process groups, model, DeepSpeed engine and sampler; every check before any work."""
+    import deepspeed
+
+    ensure_process_group(datetime.timedelta(minutes=cfg.faults.collective_timeout_minutes))
+    pc = build_parallel_context(cfg.tp)
+    cfg.model.check_tensor_parallel(pc.tp_size)
+    ds_config = deepspeed_config(cfg, pc.dp_size)  # checks global batch = micro x accumulation x DP
+    torch.manual_seed(cfg.seed)
+    model = CodeGeeXModel(cfg.model, pc)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+                                           config=ds_config, mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg),
+                                           dist_init_required=False)
+    sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
+    return pc, model, engine, sampler
+
+
+def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
+    size = len(batch["tokens"]) // n
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
+
+
+def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device) -> float:
+    """Mean loss over the same held-out batches every time."""
+    vcfg = SamplerConfig(sources=[type(cfg.data.sources[0])(path=cfg.validation.path)], seed=0,
+                         global_batch_size=cfg.data.global_batch_size, verify_checksums=False)
+    sampler = DataSampler(vcfg, pc.dp_rank, pc.dp_size)
+    engine.eval()
+    total = torch.zeros(2)
+    with torch.no_grad():
+        for _ in range(cfg.validation.batches):
+            inp = prepare_batch(sampler.next_batch(), device)
+            logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
+            loss, count = lm_loss(logits, inp, pc)
+            total += torch.tensor([float(loss) * float(count), float(count)])
+    dist.all_reduce(total, group=pc.dp_group)
+    engine.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
+    """Run (or resume) training; returns the last step's metrics."""
+    pc, model, engine, sampler = build(cfg)
+    device = next(model.parameters()).device
+    accumulation = cfg.accumulation(pc.dp_size)
+    root = cfg.checkpoint_dir
+    start, skipped_total = 0, 0
+    resume = None if cfg.checkpoint.resume == "none" else (
+        find_latest(root) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if resume is not None:
+        state = load_training_checkpoint(resume, engine)
+        sampler.state = SamplerState.from_dict(state["sampler"])
+        start, skipped_total = state["step"], state["skipped_steps"]
+        log.info("resumed from %s at step %d", resume, start)
+    metrics = Metrics(cfg, pc.rank)
+    stop = StopSignal()
+    if pc.rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    tokens_per_step = cfg.data.global_batch_size * (sampler.window - 1)
+    flops_token = flops_per_token(cfg.model, sampler.window - 1)
+    peak = _peak_tflops(cfg)
+    consecutive = 0
+    last: dict[str, Any] = {}
+    t_log, steps_since_log = time.perf_counter(), 0
+    for step in range(start + 1, cfg.train_steps + 1):
+        losses = []
+        for micro in _micro_batches(sampler.next_batch(), accumulation):
+            inp = prepare_batch(micro, device)
+            logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
+            loss, _ = lm_loss(logits, inp, pc)
+            if step in cfg.faults.inject_nan_steps:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean().reshape(1)
+        dist.all_reduce(mean, group=pc.dp_group)
+        mean /= pc.dp_size
+        skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
+        skipped_total += int(skipped)
+        consecutive = consecutive + 1 if skipped else 0
+        if consecutive >= cfg.faults.max_consecutive_skipped:
+            raise RuntimeError(f"stopping: {consecutive} steps in a row skipped for NaN/Inf loss or gradients "
+                               f"(faults.max_consecutive_skipped = {cfg.faults.max_consecutive_skipped}); last at step {step}")
+        steps_since_log += 1
+        last = {"loss": float(mean.item()), "lr": float(engine.get_lr()[0]),
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "loss_scale": float(getattr(
+                    engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0),
+                "skipped_steps": skipped_total}
+        if step % cfg.log.interval == 0 or step == cfg.train_steps:
+            elapsed = time.perf_counter() - t_log
+            tps = tokens_per_step * steps_since_log / elapsed
+            tflops = tps * flops_token / pc.world_size / 1e12
+            last.update(tokens_per_s=tps, step_time_s=elapsed / steps_since_log, tflops_per_device=tflops,
+                        memory_gb=(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0) / 2**30)
+            if peak:
+                last["mfu"] = tflops / peak
+            log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3f scale %g skipped %d | %.0f tokens/s, %.2f TFLOP/s/device%s",
+                     step, cfg.train_steps, last["loss"], last["lr"], last["grad_norm"], last["loss_scale"],
+                     skipped_total, tps, tflops, f", MFU {last['mfu']:.1%}" if peak else "")
+            t_log, steps_since_log = time.perf_counter(), 0
+        if cfg.validation.path and step % cfg.validation.interval == 0:
+            last["validation_loss"] = validation_loss(cfg, engine, pc, device)
+            log.info("step %d validation loss %.4f", step, last["validation_loss"])
+        metrics.write(step, last)
+        stopping = stop.agreed()
+        if step % cfg.checkpoint.interval == 0 or step == cfg.train_steps or stopping:
+            state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
+                     "git_revision": git_revision(), "command": command}
+            path = save_training_checkpoint(root, step, engine, model, state, cfg.checkpoint.keep,
+                                            extra={"tokenizer": sampler.sources[0].store.manifest["tokenizer"]})
+            log.info("checkpoint %s", path)
+        if stopping:
+            log.info("signal %d received: saved at step %d, exiting", stop.received or signal.SIGTERM, step)
+            break
+        if cfg.faults.exit_after_step and step == cfg.faults.exit_after_step:
+            sys.stderr.flush()
+            os._exit(17)  # a crash drill: no cleanup, no checkpoint
+    metrics.close()
+    return last
