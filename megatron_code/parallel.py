@@ -54,6 +54,7 @@ def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even alone
 
 
 def build_parallel_context(tp_size: int = 1) -> ParallelContext:
@@ -81,6 +82,7 @@ def build_parallel_context(tp_size: int = 1) -> ParallelContext:
 def single_context() -> ParallelContext:
     """TP=1, DP=1 in this process (a one-rank gloo group, which megatron-core's layers need)."""
     ensure_process_group()
+    os.environ.setdefault("LOCAL_RANK", "0")
     if dist.get_world_size() != 1:
         raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
     group = dist.new_group([0])

@@ -28,7 +28,7 @@ from megatron_code.checkpoint import git_revision
 from megatron_code.deepspeed_glue import MPUAdapter, deepspeed_config, make_scheduler, parameter_groups
 from megatron_code.flops import flops_per_token
 from megatron_code.model import CodeGeeXModel
-from megatron_code.objectives import lm_loss, prepare_batch
+from megatron_code.objectives import lm_loss, prepare_batch, vocab_parallel_cross_entropy
 from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
 from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
 from megatron_code.train_config import TrainConfig
@@ -165,19 +165,22 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     last: dict[str, Any] = {}
     t_log, steps_since_log = time.perf_counter(), 0
     for step in range(start + 1, cfg.train_steps + 1):
-        losses = []
-        for micro in _micro_batches(sampler.next_batch(), accumulation):
-            inp = prepare_batch(micro, device)
+        micros = [prepare_batch(m, device) for m in _micro_batches(sampler.next_batch(), accumulation)]
+        # every token of the global batch weighs the same, however it is split into micro-batches and ranks
+        total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1).cpu()
+        dist.all_reduce(total, group=pc.dp_group)
+        summed = torch.zeros(1)
+        for inp in micros:
             logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
-            loss, _ = lm_loss(logits, inp, pc)
+            token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()
             if step in cfg.faults.inject_nan_steps:
-                loss = loss * float("nan")
-            engine.backward(loss)
+                token_sum = token_sum * float("nan")
+            # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks
+            engine.backward(token_sum * (accumulation * pc.dp_size) / total.clamp(min=1).to(token_sum.device))
             engine.step()
-            losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().reshape(1)
-        dist.all_reduce(mean, group=pc.dp_group)
-        mean /= pc.dp_size
+            summed += token_sum.detach().float().cpu()
+        dist.all_reduce(summed, group=pc.dp_group)
+        mean = summed / total.clamp(min=1)
         skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
         skipped_total += int(skipped)
         consecutive = consecutive + 1 if skipped else 0

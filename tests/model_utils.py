@@ -31,3 +31,30 @@ def packed_batch(seed: int = 0, batch: int = 2, window: int = 25, vocab: int = 1
 
 def seeded(seed: int = 1234) -> None:
     torch.manual_seed(seed)
+
+
+def synthetic_store(path, windows: int = 64, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> str:
+    """A token store of random documents, independent of any tokenizer or machine (for golden losses)."""
+    import json
+    from pathlib import Path
+
+    from data_pipeline.packing import Packer
+    from data_pipeline.store import FORMAT, SCHEMA_VERSION, ShardWriter
+
+    rng = np.random.default_rng(seed)
+    out = Path(path)
+    writer = ShardWriter(out, seq_len + 1, np.dtype(np.uint16), False, windows_per_shard=max(1, windows // 2))
+    packer = Packer(seq_len + 1, 6, 0, writer.add)
+    # documents with structure a model can learn: a repeated motif per document
+    while packer.windows < windows:
+        motif = rng.integers(2, vocab, size=int(rng.integers(2, 6)))
+        packer.add(np.concatenate([np.tile(motif, int(rng.integers(3, 9))), [1]]))
+    shards = writer.close()
+    total = sum(s["windows"] for s in shards)
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "seq_len": seq_len, "window": seq_len + 1,
+                "token_dtype": "uint16", "columns": ["tokens", "doc_starts", "num_tokens", "language"],
+                "tokenizer": {"path": "", "sha256": "synthetic", "vocab_size": vocab, "eod_id": 1, "pad_id": 0},
+                "total_windows": total, "total_documents": 0, "total_tokens": 0, "padding_fraction": 0.0,
+                "languages": {}, "skips": {}, "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
