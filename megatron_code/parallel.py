@@ -51,7 +51,17 @@ def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timeout)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # After an elastic restart the store still holds the dead round's addresses; a prefix per attempt keeps
+            # the new round from dialling them (gloo then hangs in connectFullMesh).
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+            base = dist.TCPStore(host, port, world, is_master=hosts_store, timeout=timeout)
+            store = dist.PrefixStore(f"codegeex/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even alone

@@ -130,3 +130,72 @@ def test_nan_steps_are_skipped_counted_and_bounded(store, tmp_path):
     with pytest.raises(RuntimeError, match="3 steps in a row skipped"):
         run_configs([values(store, str(tmp_path / "nan3"), faults__inject_nan_steps=[2, 3, 4],
                             faults__max_consecutive_skipped=3)])
+
+
+def _launch(cmd: list[str], run_dir: Path) -> Any:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(run_dir.parent / f"{run_dir.name}.log", "w"), start_new_session=True)
+
+
+def _write_config(v: dict[str, Any], path: Path) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(v))
+    return str(path)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: Any, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = run_dir / "metrics.jsonl"
+        if f.exists() and any(json.loads(line)["step"] >= step for line in f.read_text().splitlines()):
+            return
+        assert proc.poll() is None, "the run ended early"
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_0(store, tmp_path):
+    import signal
+
+    from megatron_code.train_checkpoint import find_latest
+
+    run = tmp_path / "sig"
+    cfg = _write_config(values(store, str(run), train_steps=100000), tmp_path / "sig.yaml")
+    proc = _launch(["launch.cli", "train", "--config", cfg], run)
+    _wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    latest = find_latest(run / "checkpoints")
+    assert latest is not None
+    saved = json.loads((latest / "trainer.json").read_text())["step"]
+    assert 3 <= saved < 100000 and saved == metrics(str(run))[-1]["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_rank_restarts_under_torchrun_and_resumes(store, tmp_path):
+    import psutil
+
+    run = tmp_path / "elastic"
+    cfg = _write_config(values(store, str(run), train_steps=40, checkpoint__interval=5), tmp_path / "el.yaml")
+    proc = _launch(["torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend",
+                    "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "launch.cli", "train", "--config", cfg], run)
+    _wait_for_step(run, 12, proc)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "launch.cli" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, 9)
+    assert proc.wait(timeout=300) == 0
+    steps = [r["step"] for r in metrics(str(run))]
+    assert steps[-1] == 40
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the resumed run starts again
+    assert steps[restart] - 1 in (5, 10, 15)  # from the last checkpoint before the kill
+    log = (tmp_path / "elastic.log").read_text()
+    assert "resumed from" in log
