@@ -29,15 +29,19 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded default corpus (source already on this machine): a code tokenizer, then a
-# packed, deduplicated token store, then a look inside it. Re-running reuses what is already built.
+# The main job on the embedded default corpus (source already on this machine): a code tokenizer, a packed,
+# deduplicated token store, a look inside it, then the tiny CodeGeeX-shaped model trained with TP=2 on 2 CPU
+# ranks for 300 steps. Re-running reuses what is already built (the training resumes from its last checkpoint).
 quickstart: $(STAMP)
 	$(BIN)/codegeex data tokenizer --input default --output $(QS)/tokenizer --vocab-size 8000 \
 	    --skip-existing max_input_mb_per_language=8
 	$(BIN)/codegeex data build --input default --tokenizer $(QS)/tokenizer.model --output $(QS)/store \
 	    --seq-len 512 --workers 2 max_input_mb_per_language=8
 	$(BIN)/codegeex data inspect $(QS)/store --samples 2
-	@echo "quickstart: tokenizer at $(QS)/tokenizer.model, token store at $(QS)/store"
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 -m launch.cli train --config configs/train/tiny.yaml \
+	    run_dir=$(QS)/train data.sources='[{path: $(QS)/store}]'
+	@echo "quickstart: tokenizer $(QS)/tokenizer.model, token store $(QS)/store, training run $(QS)/train" \
+	    "(metrics.jsonl, tensorboard/, checkpoints/latest)"
 
 clean-quickstart:
 	rm -rf $(QS)

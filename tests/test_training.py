@@ -93,7 +93,11 @@ def test_tp2_dp2_resume_is_exact_and_zero_stages_agree(store, tmp_path):
 def test_tp2_and_dp2_equal_the_single_process_run(store, tmp_path):
     from tests.dist import run_ranks
 
-    ref = run_configs([values(store, str(tmp_path / "ref"), micro_batch_size=4)])[0]
+    ref = run_configs([values(store, str(tmp_path / "ref"), micro_batch_size=4, validation__path=store,
+                              validation__interval=5, validation__batches=2, log__tensorboard=True)])[0]
+    assert np.isfinite(ref[-1]["validation_loss"]) and "validation_loss" not in ref[0]
+    assert list((tmp_path / "ref" / "tensorboard").glob("events.out.tfevents.*"))
+    assert {"tokens_per_s", "tflops_per_device", "lr", "grad_norm", "loss_scale"} <= set(ref[0])
     accum = run_configs([values(store, str(tmp_path / "accum"), micro_batch_size=2)])[0]  # accumulation 2
     tp2 = values(store, str(tmp_path / "tp2"), tp=2, micro_batch_size=4)
     dp2 = values(store, str(tmp_path / "dp2"), micro_batch_size=2)
