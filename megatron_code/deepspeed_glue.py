@@ -55,7 +55,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.global_batch_size,
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
-            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": not cfg.optim.fused}},
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 10**9,

@@ -26,6 +26,7 @@ class OptimConfig:
     eps: float = option(1e-8, "Adam epsilon")
     weight_decay: float = option(0.1, "decoupled weight decay, not applied to biases and LayerNorms")
     clip_grad: float = option(1.0, "global gradient-norm clipping (0: off)")
+    fused: bool = option(True, "DeepSpeed's fused Adam kernel (compiled on first use, CPU or GPU); false: torch's AdamW")
 
 
 @dataclass

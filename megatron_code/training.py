@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
 from launch.config import to_dict
@@ -82,6 +84,8 @@ class StopSignal:
         self.received = signum
 
     def agreed(self) -> bool:
+        if dist.get_world_size() == 1:
+            return self.received > 0
         flag = torch.tensor([float(self.received)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
@@ -164,11 +168,14 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     consecutive = 0
     last: dict[str, Any] = {}
     t_log, steps_since_log = time.perf_counter(), 0
+    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=pc.rank != 0 or not sys.stderr.isatty())
     for step in range(start + 1, cfg.train_steps + 1):
         micros = [prepare_batch(m, device) for m in _micro_batches(sampler.next_batch(), accumulation)]
         # every token of the global batch weighs the same, however it is split into micro-batches and ranks
         total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1).cpu()
-        dist.all_reduce(total, group=pc.dp_group)
+        if pc.dp_size > 1:
+            dist.all_reduce(total, group=pc.dp_group)
         summed = torch.zeros(1)
         for inp in micros:
             logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
@@ -179,7 +186,8 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             engine.backward(token_sum * (accumulation * pc.dp_size) / total.clamp(min=1).to(token_sum.device))
             engine.step()
             summed += token_sum.detach().float().cpu()
-        dist.all_reduce(summed, group=pc.dp_group)
+        if pc.dp_size > 1:
+            dist.all_reduce(summed, group=pc.dp_group)
         mean = summed / total.clamp(min=1)
         skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
         skipped_total += int(skipped)
@@ -196,8 +204,9 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             elapsed = time.perf_counter() - t_log
             tps = tokens_per_step * steps_since_log / elapsed
             tflops = tps * flops_token / pc.world_size / 1e12
+            memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else psutil.Process().memory_info().rss
             last.update(tokens_per_s=tps, step_time_s=elapsed / steps_since_log, tflops_per_device=tflops,
-                        memory_gb=(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0) / 2**30)
+                        memory_gb=memory / 2**30)
             if peak:
                 last["mfu"] = tflops / peak
             log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3f scale %g skipped %d | %.0f tokens/s, %.2f TFLOP/s/device%s",
@@ -208,6 +217,8 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             last["validation_loss"] = validation_loss(cfg, engine, pc, device)
             log.info("step %d validation loss %.4f", step, last["validation_loss"])
         metrics.write(step, last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.3f}")
         stopping = stop.agreed()
         if step % cfg.checkpoint.interval == 0 or step == cfg.train_steps or stopping:
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
@@ -221,5 +232,6 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
         if cfg.faults.exit_after_step and step == cfg.faults.exit_after_step:
             sys.stderr.flush()
             os._exit(17)  # a crash drill: no cleanup, no checkpoint
+    bar.close()
     metrics.close()
     return last
