@@ -51,6 +51,7 @@ def config(preset: str, store: str, run_dir: str, seq: int, batch: int, steps: i
 
 def ours(cfg: TrainConfig) -> list[float]:
     cfg = copy.deepcopy(cfg)
+    (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
     train(cfg, ["benchmark"])
     rows = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in rows][2:]
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| preset | batch x seq | ours tokens/s | reference tokens/s | ours ms/step | reference ms/step | ratio |")
@@ -100,7 +102,11 @@ def main() -> None:
                                 vocab=8192)
         for name in args.presets:
             cfg = config(name, store, str(Path(tmp) / name), args.seq_len, args.batch, args.steps)
-            mo, mr = statistics.median(ours(cfg)), statistics.median(reference(cfg))
+            ours_t, ref_t = [], []
+            for _ in range(args.repeats):  # alternate whole runs so drifts in machine speed hit both
+                ours_t += ours(cfg)
+                ref_t += reference(cfg)
+            mo, mr = statistics.median(ours_t), statistics.median(ref_t)
             toks = args.batch * args.seq_len
             print(f"| {name} | {args.batch}x{args.seq_len} | {toks / mo:,.0f} | {toks / mr:,.0f} | {mo * 1e3:.1f} | "
                   f"{mr * 1e3:.1f} | {mo / mr:.3f} |")

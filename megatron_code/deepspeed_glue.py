@@ -7,6 +7,7 @@ data-parallel ranks and the gradient norm counts tensor-parallel replicas once.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from torch import nn
 
 from megatron_code.parallel import ParallelContext
 from megatron_code.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 class MPUAdapter:
@@ -57,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
             "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay, "torch_adam": not cfg.optim.fused}},
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": effective_zero_stage(cfg.zero_stage, dp)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -68,6 +71,42 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
                       "loss_scale_window": p.loss_scale_window, "hysteresis": p.hysteresis,
                       "min_loss_scale": p.min_loss_scale}
     return ds
+
+
+def effective_zero_stage(stage: int, dp: int) -> int:
+    """ZeRO shards over data-parallel ranks: with one there is nothing to shard, and on a CPU its bookkeeping
+    (flattening gradients into partitions every step) costs more than the optimizer itself, so it is skipped."""
+    if dp == 1 and stage > 0:
+        log.info("zero_stage %d has nothing to shard with 1 data-parallel rank; running DeepSpeed without ZeRO", stage)
+        return 0
+    return stage
+
+
+def guarded(optimizer_class: type) -> type:
+    """``optimizer_class`` that skips a step whose gradients are not all finite and says so in ``overflow`` (which
+    DeepSpeed reads to count skipped steps). Needed without ZeRO, where DeepSpeed checks only fp16 gradients."""
+
+    class Guarded(optimizer_class):
+        overflow = False
+
+        def step(self, closure: Any = None) -> Any:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+            return None if self.overflow else super().step(closure)
+
+    Guarded.__name__ = f"Guarded{optimizer_class.__name__}"
+    return Guarded
+
+
+def client_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer handed to DeepSpeed when it runs without ZeRO: fused or torch AdamW, guarded against NaN/Inf."""
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if o.fused:
+        from deepspeed.ops.adam import FusedAdam
+
+        return guarded(FusedAdam)(groups, adam_w_mode=True, **kwargs)
+    return guarded(torch.optim.AdamW)(groups, **kwargs)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -27,7 +27,13 @@ from tqdm import tqdm
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
 from launch.config import to_dict
 from megatron_code.checkpoint import git_revision
-from megatron_code.deepspeed_glue import MPUAdapter, deepspeed_config, make_scheduler, parameter_groups
+from megatron_code.deepspeed_glue import (
+    MPUAdapter,
+    client_optimizer,
+    deepspeed_config,
+    make_scheduler,
+    parameter_groups,
+)
 from megatron_code.flops import flops_per_token
 from megatron_code.model import CodeGeeXModel
 from megatron_code.objectives import lm_loss, prepare_batch, vocab_parallel_cross_entropy
@@ -113,9 +119,15 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     if torch.cuda.is_available():
         model = model.cuda()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
-                                           config=ds_config, mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg),
-                                           dist_init_required=False)
+    groups = parameter_groups(model, cfg.optim.weight_decay)
+    optimizer = None
+    if ds_config["zero_optimization"]["stage"] == 0:  # no ZeRO: our optimizer, which skips non-finite steps itself
+        optimizer = client_optimizer(cfg, groups)
+        del ds_config["optimizer"]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
+                                           mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg), dist_init_required=False)
+    if pc.dp_size == 1:
+        engine.enable_backward_allreduce = False  # one data-parallel rank: nothing to average, skip the bucket copies
     sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
     return pc, model, engine, sampler
 
