@@ -1,0 +1,80 @@
+"""What the model is asked: generation, translation and incremental prompts, each stating its kind explicitly.
+
+- generation: the language tag line, then the problem's prompt;
+- translation (every ordered pair of the languages given): ``code translation\\n{Src}:\\n`` + the source declaration and
+  canonical solution + ``\\n{Tgt}:\\n`` + the target declaration (no docstring);
+- incremental (PanGu-Coder): the generation prompt extended by the first 0, 1, 2, ... lines of the reference solution,
+  never the whole of it; in brace languages only while the function body is still open, so that the closing-brace stop
+  rule still ends generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_pipeline.languages import get_language
+from eval_harness.datasets import LANGUAGES, Problem
+
+BRACE_LANGUAGES = {"cpp", "java", "js", "go", "rust"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prompt to complete; ``key`` identifies it in samples and results files."""
+
+    task_id: str  # the target problem
+    kind: str  # "generation" | "translation" | "incremental"
+    language: str  # target language key
+    prompt: str
+    source_language: str = ""  # translation only
+    prefix_lines: int = -1  # incremental only: reference lines in the prompt
+
+    @property
+    def key(self) -> str:
+        if self.kind == "translation":
+            return f"{self.task_id}|translation|{self.source_language}->{self.language}"
+        if self.kind == "incremental":
+            return f"{self.task_id}|incremental|{self.prefix_lines}"
+        return f"{self.task_id}|generation"
+
+
+def tag_line(lang: str) -> str:
+    return get_language(LANGUAGES[lang]).tag + "\n"
+
+
+def generation_tasks(problems: list[Problem]) -> list[Task]:
+    return [Task(p.task_id, "generation", p.language, tag_line(p.language) + p.prompt) for p in problems]
+
+
+def translation_tasks(by_language: dict[str, list[Problem]]) -> list[Task]:
+    """Every ordered pair of the given languages, matched by problem number."""
+    tasks = []
+    numbers = {lang: {p.number: p for p in probs} for lang, probs in by_language.items()}
+    for src in by_language:
+        for tgt in by_language:
+            if src == tgt:
+                continue
+            for num in sorted(set(numbers[src]) & set(numbers[tgt])):
+                s, t = numbers[src][num], numbers[tgt][num]
+                prompt = (f"code translation\n{LANGUAGES[src]}:\n{s.declaration}{s.canonical_solution}\n"
+                          f"{LANGUAGES[tgt]}:\n{t.declaration}")
+                tasks.append(Task(t.task_id, "translation", tgt, prompt, source_language=src))
+    return tasks
+
+
+def _open_braces(text: str) -> int:
+    return text.count("{") - text.count("}")
+
+
+def incremental_tasks(problems: list[Problem]) -> list[Task]:
+    """Prompts with 0, 1, ... reference lines added (never all of them; brace languages: body still open)."""
+    tasks = []
+    for p in problems:
+        lines = p.canonical_solution.splitlines(keepends=True)
+        base = tag_line(p.language) + p.prompt
+        for i in range(len(lines)):
+            prefix = "".join(lines[:i])
+            if p.language in BRACE_LANGUAGES and _open_braces(prefix) < 0:
+                break  # the prefix closed the function body the prompt opened: the rest is no completion
+            tasks.append(Task(p.task_id, "incremental", p.language, base + prefix, prefix_lines=i))
+    return tasks
