@@ -80,6 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         SCHEMA_VERSION,
         full_state,
         git_revision,
+        model_config,
         tensor_specs,
         write_full_state,
     )
@@ -96,8 +97,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         write_full_state(args.output, manifest, state, args.tp)
     else:
         manifest, state = full_state(args.input)
-        from megatron_code.checkpoint import model_config
-
         if args.to == "native":
             write_full_state(args.output, manifest, state, args.tp)
         elif args.to == "codegeex":

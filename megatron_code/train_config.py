@@ -134,8 +134,7 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
         if not preset_file.is_file():
             raise ConfigError(f"model_preset {preset!r}: no {preset_file}")
         tree["model"] = {**(yaml.safe_load(preset_file.read_text()) or {}), **(tree.get("model") or {})}
-    values = {k: v for k, v in tree.items()}
     try:
-        return load_config(TrainConfig, values=values, overrides=overrides)
+        return load_config(TrainConfig, values=tree, overrides=overrides)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
+from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
 from launch.config import to_dict
 from megatron_code.checkpoint import git_revision
 from megatron_code.deepspeed_glue import (
@@ -139,7 +139,7 @@ def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.nd
 
 def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device) -> float:
     """Mean loss over the same held-out batches every time."""
-    vcfg = SamplerConfig(sources=[type(cfg.data.sources[0])(path=cfg.validation.path)], seed=0,
+    vcfg = SamplerConfig(sources=[SourceConfig(path=cfg.validation.path)], seed=0,
                          global_batch_size=cfg.data.global_batch_size, verify_checksums=False)
     sampler = DataSampler(vcfg, pc.dp_rank, pc.dp_size)
     engine.eval()
