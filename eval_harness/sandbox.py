@@ -1,0 +1,126 @@
+"""Running untrusted programs: one fresh directory, limits, no network, the whole process tree killed at timeout.
+
+Each program runs:
+- in its own process group and, where ``unshare`` works (as root here), in new network, PID and mount namespaces:
+  no network interfaces, every descendant dies with it, private empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (so
+  work directories live under ``/var/lib/codegeex/exec``, or ``$CODEGEEX_EXEC_DIR``, see :func:`work_root`);
+- as ``nobody`` (uid 65534) when started as root, so it cannot write outside its work directory and the process
+  limit applies (root ignores RLIMIT_NPROC);
+- under rlimits on CPU time, address space, processes and file size (which also caps what it can print: its output
+  goes to files), with a minimal environment and a wall-clock timeout that kills the process group.
+When the namespaces are not available the result says ``isolated: False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.config import option
+
+NOBODY = 65534
+
+
+@dataclass
+class Limits:
+    """Per-program limits."""
+
+    timeout_s: float = option(10.0, "wall-clock seconds before the process group is killed")
+    cpu_s: int = option(20, "CPU seconds (RLIMIT_CPU)")
+    memory_bytes: int = option(4 << 30, "address space (RLIMIT_AS)")
+    processes: int = option(64, "processes and threads of the sandbox user (RLIMIT_NPROC)")
+    file_bytes: int = option(16 << 20, "largest file it may write, its output included (RLIMIT_FSIZE)")
+    output_bytes: int = option(4096, "stdout/stderr kept in the result")
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    timed_out: bool
+    stdout: str
+    stderr: str
+    duration_s: float
+    isolated: bool
+
+
+def _namespaces_available() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+_ISOLATION: bool | None = None
+
+
+def isolation_available() -> bool:
+    global _ISOLATION
+    if _ISOLATION is None:
+        _ISOLATION = _namespaces_available()
+    return _ISOLATION
+
+
+def _limit(limits: Limits) -> None:
+    """In the child, before exec."""
+    os.setsid()
+    for res, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
+                       (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    if os.geteuid() == 0:  # counted for nobody once setpriv switches to it
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+
+
+def work_root() -> Path | None:
+    """Where work directories go: outside /tmp (which the sandbox replaces), traversable but not listable."""
+    if not isolation_available():
+        return None
+    root = Path(os.environ.get("CODEGEEX_EXEC_DIR", "/var/lib/codegeex/exec"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o711)
+    return root
+
+
+def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | None = None) -> RunResult:
+    """Run ``cmd`` in ``workdir`` (which the caller created and owns); never raises for what the program does."""
+    isolated = isolation_available()
+    base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
+                "LANG": "C.UTF-8", **(env or {})}
+    if isolated:
+        os.chown(workdir, NOBODY, NOBODY)
+        for p in workdir.rglob("*"):
+            os.chown(p, NOBODY, NOBODY)
+        inner = ("for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m tmpfs $d || exit 97; done; "
+                 'exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs "$@"')
+        cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "sh", "-c", inner, "sh", *cmd]
+    with tempfile.TemporaryDirectory() as out_dir:
+        out, err = Path(out_dir) / "stdout", Path(out_dir) / "stderr"
+        start = time.perf_counter()
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen(cmd, cwd=workdir, env=base_env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
+                                    preexec_fn=lambda: _limit(limits))  # noqa: PLW1509 (limits must apply pre-exec)
+            timed_out = False
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        duration = time.perf_counter() - start
+
+        def tail(path: Path) -> str:
+            with open(path, "rb") as fh:
+                data = fh.read(limits.output_bytes + 1)
+            text = data[:limits.output_bytes].decode("utf-8", "replace")
+            return text + ("\n[... output truncated]" if len(data) > limits.output_bytes else "")
+
+        return RunResult(proc.returncode, timed_out, tail(out), tail(err), duration, isolated)
