@@ -203,3 +203,12 @@ def test_killed_rank_restarts_under_torchrun_and_resumes(store, tmp_path):
     assert steps[restart] - 1 in (5, 10, 15)  # from the last checkpoint before the kill
     log = (tmp_path / "elastic.log").read_text()
     assert "resumed from" in log
+
+
+def test_activation_checkpointing_gives_the_same_losses(store, tmp_path):
+    runs = [values(store, str(tmp_path / mode), train_steps=3, activation_checkpointing=mode)
+            for mode in ("off", "selective", "full")]
+    off, selective, full = run_configs(runs)
+    for other in (selective, full):
+        np.testing.assert_allclose([r["loss"] for r in other], [r["loss"] for r in off], **TOL)
+        np.testing.assert_allclose([r["grad_norm"] for r in other], [r["grad_norm"] for r in off], rtol=1e-4)
