@@ -8,6 +8,7 @@ exits 0 *and* prints a random sentinel that the harness appends after the tests,
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import signal
 import sys
@@ -17,6 +18,15 @@ from typing import Any
 
 from eval_harness.datasets import Problem
 from eval_harness.sandbox import Limits, RunResult, run_sandboxed, work_root
+
+
+def python_interpreter() -> str:
+    """The system Python when there is one: the project's virtual environment may live under /tmp, which the sandbox
+    replaces with an empty tmpfs (and the tests need only the standard library)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
 
 
 def python_program(problem: Problem, completion: str, sentinel: str) -> str:
@@ -49,7 +59,7 @@ def execute_python(problem: Problem, completion: str, limits: Limits | None = No
     with tempfile.TemporaryDirectory(prefix="codegeex-exec-", dir=work_root()) as tmp:
         work = Path(tmp)
         (work / "main.py").write_text(program)
-        result = run_sandboxed([sys.executable, "-I", "main.py"], work, limits)
+        result = run_sandboxed([python_interpreter(), "-I", "main.py"], work, limits)
     return {"status": classify(result, sentinel), "exit_code": result.returncode, "run_s": round(result.duration_s, 4),
             "output": (result.stdout + result.stderr)[-limits.output_bytes:], "isolated": result.isolated,
             "program_sha256": hashlib.sha256(program.replace(sentinel, "").encode()).hexdigest()}
