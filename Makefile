@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 QS ?= runs/quickstart
 PIP := $(BIN)/python -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed's JIT-compiled ops (fused Adam, shared-memory comm) live with the environment that built them, and are
+# built once at install time, not by several ranks at once in the middle of a run.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: quickstart test lint install clean-quickstart
 
@@ -18,6 +21,8 @@ $(BIN)/python:
 # Re-run the install only when the packaging changes.
 $(STAMP): setup.py pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e '.[train,dev]'
+	$(BIN)/python -W ignore -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(); \
+	    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 install: $(STAMP)
