@@ -28,6 +28,7 @@ from megatron_code.flops import flops_per_token
 from megatron_code.model import CodeGeeXModel
 from megatron_code.objectives import vocab_parallel_cross_entropy
 from megatron_code.parallel import single_context
+from megatron_code.training import PEAK_BF16_TFLOPS
 
 
 class RefLayer(nn.Module):
@@ -156,19 +157,24 @@ def gpu_layers(steps: int) -> None:
     times = time_steps(step, steps)
     med = statistics.median(times)
     flops = flops_per_token(cfg, seq) * batch * seq
-    peak = 989e12 if "H100" in torch.cuda.get_device_name() else 989e12
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0) * 1e12
     print(f"4 layers of 13B shape, bf16, batch {batch} x {seq}: {med * 1e3:.1f} ms/step, "
           f"{flops / med / 1e12:.1f} TFLOP/s, MFU {flops / med / peak:.1%} ({torch.cuda.get_device_name()})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options both step benchmarks take."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "350m"])
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
-    args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    return ap
+
+
+def main() -> None:
+    args = step_arguments(__doc__).parse_args()
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| preset | batch x seq | ours tokens/s | reference tokens/s | ours ms/step | reference ms/step | ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -12,7 +12,6 @@ Usage: python benchmarks/train_step.py [--presets tiny 350m] [--seq-len 256] [--
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.model_step import RefModel, copy_weights
+from benchmarks.model_step import RefModel, copy_weights, step_arguments
 from data_pipeline.sampler import DataSampler, SamplerConfig
 from launch.config import load_config
 from megatron_code.config import load_preset
@@ -87,11 +86,7 @@ def reference(cfg: TrainConfig) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["tiny", "350m"])
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
+    ap = step_arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
