@@ -12,7 +12,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # built once at install time, not by several ranks at once in the middle of a run.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: quickstart test lint install clean-quickstart
+# Debian packages the launcher tests (a real SLURM) and the evaluation sandbox and runners need.
+SYSTEM_PACKAGES := slurm-wlm munge bubblewrap golang-go golang-github-stretchr-testify-dev libboost-dev libssl-dev
+SYSTEM_STAMP := $(VENV)/.system
+
+.PHONY: quickstart test lint install system clean-quickstart
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +31,24 @@ $(STAMP): setup.py pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Installed with apt-get when run as root; otherwise the tests that need them skip, saying so.
+$(SYSTEM_STAMP): | $(BIN)/python
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	else echo "make: system packages missing ($$missing) and not root: the tests that need them will skip"; fi
+	touch $(SYSTEM_STAMP)
+
+system: $(SYSTEM_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check launch megatron_code data_pipeline eval_harness tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+test: lint $(SYSTEM_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The main job on the embedded default corpus (source already on this machine): a code tokenizer, a packed,
@@ -43,8 +60,8 @@ quickstart: $(STAMP)
 	$(BIN)/codegeex data build --input default --tokenizer $(QS)/tokenizer.model --output $(QS)/store \
 	    --seq-len 512 --workers 2 max_input_mb_per_language=8
 	$(BIN)/codegeex data inspect $(QS)/store --samples 2
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 -m launch.cli train --config configs/train/tiny.yaml \
-	    run_dir=$(QS)/train data.sources='[{path: $(QS)/store}]'
+	$(BIN)/codegeex launch local --nproc 2 configs/train/tiny.yaml run_dir=$(QS)/train \
+	    data.sources='[{path: $(QS)/store}]'
 	@echo "quickstart: tokenizer $(QS)/tokenizer.model, token store $(QS)/store, training run $(QS)/train" \
 	    "(metrics.jsonl, tensorboard/, checkpoints/latest)"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from launch.config import load_config, to_dict
+from launch.runs import git_revision
 from megatron_code.config import ModelConfig
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
@@ -49,15 +49,6 @@ def tensor_specs(model: CodeGeeXModel) -> dict[str, dict[str, Any]]:
             shape[dim] *= model.pc.tp_size
         specs[name] = {"shape": shape, "partition_dim": dim}
     return specs
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0,

@@ -52,13 +52,14 @@ def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-            # After an elastic restart the store still holds the dead round's addresses; a prefix per attempt keeps
-            # the new round from dialling them (gloo then hangs in connectFullMesh).
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent hosts the store and keeps it across elastic restarts: a restarted round would find the
+            # dead round's addresses there (gloo then hangs in connectFullMesh), so each attempt gets its own prefix.
+            # `codegeex launch` sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead: rank 0 then hosts a fresh store
+            # each round, which also holds across nodes, whose restart counts can differ.
             host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-            hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
-            base = dist.TCPStore(host, port, world, is_master=hosts_store, timeout=timeout)
-            store = dist.PrefixStore(f"codegeex/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
+            base = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"codegeex/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)

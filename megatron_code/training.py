@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
 from launch.config import to_dict
-from megatron_code.checkpoint import git_revision
+from launch.runs import git_revision
 from megatron_code.deepspeed_glue import (
     MPUAdapter,
     client_optimizer,
@@ -128,13 +128,36 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
                                            mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg), dist_init_required=False)
     if pc.dp_size == 1:
         engine.enable_backward_allreduce = False  # one data-parallel rank: nothing to average, skip the bucket copies
+    if optimizer is not None:
+        record_clipped_norm(engine)
     sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
     return pc, model, engine, sampler
+
+
+def record_clipped_norm(engine: Any) -> None:
+    """Without ZeRO, DeepSpeed clips fp32 gradients but drops the norm it computed (``get_global_grad_norm`` stays
+    None); keep it, so the logged grad-norm is the global one (tensor-parallel replicas counted once) at any DP."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip() -> None:
+        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip
 
 
 def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
     size = len(batch["tokens"]) // n
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
+
+
+def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -> None:
+    """``RUN_DIR/status.json``: running, stopped (by a signal, with a checkpoint: resume it) or completed. Batch
+    scripts read it to decide whether to requeue."""
+    if pc.rank == 0:
+        path = Path(cfg.run_dir) / "status.json"
+        path.write_text(json.dumps({"state": state, "step": step, "train_steps": cfg.train_steps,
+                                    "checkpoints": str(cfg.checkpoint_dir)}) + "\n")
 
 
 def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device) -> float:
@@ -174,10 +197,11 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     if pc.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    write_status(cfg, pc, "running", start)
     tokens_per_step = cfg.data.global_batch_size * (sampler.window - 1)
     flops_token = flops_per_token(cfg.model, sampler.window - 1)
     peak = _peak_tflops(cfg)
-    consecutive = 0
+    consecutive, stopped_at = 0, cfg.train_steps
     last: dict[str, Any] = {}
     t_log, steps_since_log = time.perf_counter(), 0
     bar = tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True,
@@ -240,10 +264,15 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             log.info("checkpoint %s", path)
         if stopping:
             log.info("signal %d received: saved at step %d, exiting", stop.received or signal.SIGTERM, step)
+            stopped_at = step
             break
         if cfg.faults.exit_after_step and step == cfg.faults.exit_after_step:
             sys.stderr.flush()
             os._exit(17)  # a crash drill: no cleanup, no checkpoint
     bar.close()
     metrics.close()
+    if stopped_at < cfg.train_steps:
+        write_status(cfg, pc, "stopped", stopped_at)
+    else:
+        write_status(cfg, pc, "completed", cfg.train_steps)
     return last

@@ -1,0 +1,190 @@
+"""``codegeex launch {local,torchrun,deepspeed,slurm}``: write the job down in its run directory, then start it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from launch.config import ConfigError
+
+log = logging.getLogger("codegeex.launch")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="launcher", metavar="LAUNCHER", required=True)
+
+    p = sub.add_parser("local", help="torchrun on this machine (gloo on CPU, NCCL on GPUs)")
+    _job(p)
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a rank fails")
+    p.set_defaults(func=cmd_torchrun, launcher_name="local")
+
+    p = sub.add_parser("torchrun", help="one node of a multi-node job (c10d rendezvous)")
+    _job(p)
+    p.add_argument("--nnodes", type=int, required=True)
+    p.add_argument("--node-rank", type=int, required=True, help="0 hosts the rendezvous")
+    p.add_argument("--rdzv", required=True, metavar="HOST:PORT", help="the rendezvous endpoint (node 0's address)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this node")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a rank fails")
+    p.add_argument("--run-id", default="", help="rendezvous id, the same on every node (default: from run_dir)")
+    p.set_defaults(func=cmd_torchrun, launcher_name="torchrun")
+
+    p = sub.add_parser("deepspeed", help="the deepspeed launcher over a hostfile ('host slots=N' per line)")
+    _job(p)
+    p.add_argument("--hostfile", required=True)
+    p.add_argument("--master-port", type=int, default=29500)
+    p.set_defaults(func=cmd_deepspeed)
+
+    p = sub.add_parser("slurm", help="render an sbatch script and submit it (training, or --array for data builds)",
+                       description="codegeex launch slurm CONFIG [key=value ...] | --array N -- data build ...")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="CONFIG [key=value ...], or with --array: -- data build ...")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="ranks per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int, default=0)
+    p.add_argument("--partition", default="")
+    p.add_argument("--time", default="", help="time limit (MINUTES, HH:MM:SS, D-HH:MM:SS)")
+    p.add_argument("--account", default="")
+    p.add_argument("--job-name", default="codegeex")
+    p.add_argument("--signal-seconds", type=int, default=120, help="SIGUSR1 this long before the time limit")
+    p.add_argument("--chain", type=int, default=1, help="submit this many jobs, each resuming after the previous")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun's elastic restarts inside a job")
+    p.add_argument("--array", type=int, default=0, metavar="N", help="data build in N array tasks, then the merge")
+    p.add_argument("--run-dir", default="", help="where scripts and logs go (default: the config's run_dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the script(s); submit nothing")
+    p.set_defaults(func=cmd_slurm)
+
+
+def _job(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--dry-run", action="store_true", help="write the run directory's record, print the command")
+
+
+def _resolve(config: str, overrides: list[str]) -> tuple[Any, Path, Path]:
+    """Validate the training config now (not on the ranks) and write the resolved copy the ranks will read."""
+    from launch.runs import write_resolved_config
+    from megatron_code.train_config import load_train_config
+
+    cfg = load_train_config(config, overrides)
+    run_dir = Path(cfg.run_dir).resolve()
+    return cfg, run_dir, write_resolved_config(run_dir, cfg)
+
+
+def _start(run_dir: Path, name: str, cmd: list[str], env: dict[str, str], dry_run: bool) -> int:
+    from launch.runs import record_launch
+
+    record = record_launch(run_dir, name, ["codegeex", *sys.argv[1:]], cmd, env)
+    log.info("run directory %s (launch record %s)", run_dir, record.name)
+    log.info("%s", shlex.join(cmd))
+    if dry_run:
+        sys.stdout.write(shlex.join(cmd) + "\n")
+        return 0
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_torchrun(args: argparse.Namespace) -> int:
+    from launch.launchers import parse_endpoint, torchrun_command, worker_environment
+
+    cfg, run_dir, config = _resolve(args.config, args.overrides)
+    if args.launcher_name == "local":
+        cmd = torchrun_command(config, nproc_per_node=args.nproc, max_restarts=args.max_restarts,
+                               run_id=f"local-{os.getpid()}")
+    else:
+        parse_endpoint(args.rdzv)
+        cmd = torchrun_command(config, nproc_per_node=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                               rdzv=args.rdzv, run_id=args.run_id or run_dir.name, max_restarts=args.max_restarts)
+    return _start(run_dir, args.launcher_name, cmd, worker_environment(args.nproc), args.dry_run)
+
+
+def cmd_deepspeed(args: argparse.Namespace) -> int:
+    from launch.launchers import deepspeed_command, read_hostfile, worker_environment
+
+    hosts = read_hostfile(args.hostfile)  # before anything is written
+    cfg, run_dir, config = _resolve(args.config, args.overrides)
+    cmd = deepspeed_command(config, Path(args.hostfile), master_port=args.master_port)
+    return _start(run_dir, "deepspeed", cmd, worker_environment(hosts[0].slots), args.dry_run)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmOptions
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        raise ConfigError("codegeex launch slurm needs CONFIG (training) or, with --array N, '-- data build ...'")
+    opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                        account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
+                        max_restarts=args.max_restarts)
+    opts.validate()
+    if args.array:
+        return _slurm_array(args, opts, job)
+    return _slurm_training(args, opts, job)
+
+
+def _write_and_submit(run_dir: Path, scripts: list[tuple[str, str, str]], args: argparse.Namespace) -> list[str]:
+    """``scripts``: (file name, text, dependency kind on the previous job or '')."""
+    from launch.runs import record_launch
+    from launch.slurm import sbatch
+
+    paths = []
+    for name, text, _ in scripts:
+        path = run_dir / "launch" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        paths.append(path)
+        if args.dry_run:
+            sys.stdout.write(f"# ---- {path}\n{text}")
+    ids: list[str] = []
+    if not args.dry_run:
+        for path, (_, _, dep) in zip(paths, scripts, strict=True):
+            ids.append(sbatch(path, f"{dep}:{ids[-1]}" if dep and ids else ""))
+    record_launch(run_dir, "slurm", ["codegeex", *sys.argv[1:]], [f"sbatch {p}" for p in paths],
+                  job_ids=ids, scripts=[str(p) for p in paths])
+    if ids:
+        sys.stdout.write(f"submitted job(s) {' '.join(ids)}; logs: {run_dir / 'logs'}\n")
+    return ids
+
+
+def _slurm_training(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
+    from launch.slurm import training_script
+
+    cfg, run_dir, config = _resolve(job[0], job[1:])
+    if args.run_dir:
+        run_dir = Path(args.run_dir).resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    text = training_script(opts, config=config, run_dir=Path(cfg.run_dir).resolve(), python=sys.executable,
+                           workdir=Path.cwd())
+    if args.chain < 1:
+        raise ConfigError(f"--chain ({args.chain}) must be at least 1")
+    # the follow-ups start after the previous job ends however it ended, and resume (or exit at once if completed)
+    scripts = [("train.sbatch", text, "")] + [(f"train-{i}.sbatch", text, "afterany") for i in range(1, args.chain)]
+    _write_and_submit(run_dir, scripts, args)
+    return 0
+
+
+def _slurm_array(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
+    from launch.slurm import array_script, single_script
+
+    if job[:2] != ["data", "build"]:
+        raise ConfigError(f"--array runs 'data build ...' in parts; got {' '.join(job[:2])!r}")
+    if "--output" not in job or job.index("--output") + 1 >= len(job):
+        raise ConfigError("--array: the data build needs --output STORE (the merge step writes there)")
+    if "--num-shards" in job or "--shard-index" in job:
+        raise ConfigError("--array sets --num-shards and --shard-index itself; leave them out")
+    output = Path(job[job.index("--output") + 1]).resolve()
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else output.with_name(output.name + "-slurm")
+    base = [sys.executable, "-m", "launch.cli"]
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    parts = array_script(opts, tasks=args.array, command=base + job, log_dir=logs, workdir=Path.cwd())
+    opts.job_name = f"{opts.job_name}-merge"
+    merge = single_script(opts, command=base + ["data", "merge", str(output)], log_dir=logs, workdir=Path.cwd())
+    _write_and_submit(run_dir, [("data-parts.sbatch", parts, ""), ("data-merge.sbatch", merge, "afterok")], args)
+    return 0
