@@ -65,7 +65,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         m = memory_per_rank(cfg, tp=args.tp, micro_batch=1, seq_len=seq, recompute=recompute)
         lines.append(f"memory per rank, TP={args.tp}, DP=1, no ZeRO, micro-batch 1, bf16, recompute {recompute}: "
                      f"{m.total / 2**30:.1f} GiB (parameters {m.parameters / 2**30:.1f}, gradients "
-                     f"{m.gradients / 2**30:.1f}, Adam {m.optimizer / 2**30:.1f}, activations {m.activations / 2**30:.1f})")
+                     f"{m.gradients / 2**30:.1f}, Adam {m.optimizer / 2**30:.1f}, activations {m.activations / 2**30:.1f}, "
+                     f"logits {m.transient / 2**30:.1f})")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -68,10 +68,11 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float
+    transient: float = 0.0  # the output layer's logits, alive beside the loss's saved fp32 softmax
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
 
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -110,7 +111,8 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
                     optimizer_bytes_per_param: int | None = None) -> MemoryEstimate:
     """Memory of training one rank: ``precision`` of weights and gradients; Adam keeps fp32 master weights (when the
     precision is not fp32), m and v, i.e. 12 bytes a parameter (8 in fp32), sharded over DP by ZeRO 1 and up;
-    ZeRO 2 also shards gradients, ZeRO 3 also parameters."""
+    ZeRO 2 also shards gradients, ZeRO 3 also parameters. The peak comes at the start of backward, when the logits
+    (``s b V / tp`` in ``precision``) are still held beside everything saved for backward."""
     counts = parameter_counts(cfg)
     split = counts["word_embeddings"] + counts["attention"] + counts["mlp"]  # divided by TP (biases approximately)
     params_local = split / tp + (counts["total"] - split)
@@ -120,4 +122,5 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     gradients = params_local * w / (dp if zero_stage >= 2 else 1)
     optimizer = params_local * opt_bytes / (dp if zero_stage >= 1 else 1)
     activations = activation_bytes(cfg, tp, micro_batch, seq_len, w, recompute)
-    return MemoryEstimate(parameters, gradients, optimizer, activations)
+    transient = float(seq_len * micro_batch * cfg.vocab_size / tp * w)
+    return MemoryEstimate(parameters, gradients, optimizer, activations, transient)

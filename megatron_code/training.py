@@ -160,6 +160,30 @@ def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -
                                     "checkpoints": str(cfg.checkpoint_dir)}) + "\n")
 
 
+def train_step(engine: Any, pc: ParallelContext, micros: list[Any], nan: bool = False) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches; returns (mean loss over the global batch, skipped)."""
+    accumulation = len(micros)
+    # every token of the global batch weighs the same, however it is split into micro-batches and ranks
+    total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1).cpu()
+    if pc.dp_size > 1:
+        dist.all_reduce(total, group=pc.dp_group)
+    summed = torch.zeros(1)
+    for inp in micros:
+        logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
+        token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()
+        if nan:
+            token_sum = token_sum * float("nan")
+        # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks
+        engine.backward(token_sum * (accumulation * pc.dp_size) / total.clamp(min=1).to(token_sum.device))
+        engine.step()
+        summed += token_sum.detach().float().cpu()
+    if pc.dp_size > 1:
+        dist.all_reduce(summed, group=pc.dp_group)
+    mean = summed / total.clamp(min=1)
+    skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
+    return mean, skipped
+
+
 def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device) -> float:
     """Mean loss over the same held-out batches every time."""
     vcfg = SamplerConfig(sources=[SourceConfig(path=cfg.validation.path)], seed=0,
@@ -208,24 +232,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
                disable=pc.rank != 0 or not sys.stderr.isatty())
     for step in range(start + 1, cfg.train_steps + 1):
         micros = [prepare_batch(m, device) for m in _micro_batches(sampler.next_batch(), accumulation)]
-        # every token of the global batch weighs the same, however it is split into micro-batches and ranks
-        total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1).cpu()
-        if pc.dp_size > 1:
-            dist.all_reduce(total, group=pc.dp_group)
-        summed = torch.zeros(1)
-        for inp in micros:
-            logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
-            token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()
-            if step in cfg.faults.inject_nan_steps:
-                token_sum = token_sum * float("nan")
-            # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks
-            engine.backward(token_sum * (accumulation * pc.dp_size) / total.clamp(min=1).to(token_sum.device))
-            engine.step()
-            summed += token_sum.detach().float().cpu()
-        if pc.dp_size > 1:
-            dist.all_reduce(summed, group=pc.dp_group)
-        mean = summed / total.clamp(min=1)
-        skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
+        mean, skipped = train_step(engine, pc, micros, nan=step in cfg.faults.inject_nan_steps)
         skipped_total += int(skipped)
         consecutive = consecutive + 1 if skipped else 0
         if consecutive >= cfg.faults.max_consecutive_skipped:

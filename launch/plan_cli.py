@@ -1,0 +1,82 @@
+"""``codegeex plan``: rank parallelism choices for a model on N devices, or ``--validate`` a config for N ranks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.config import ConfigError
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="codegeex-13b", help="model preset (configs/model/NAME.yaml) or YAML path")
+    parser.add_argument("--gpus", type=int, default=8, help="number of devices")
+    parser.add_argument("--gpu", default="H100-80", help="A100-40, A100-80, H100-80, H200, Ascend910 or custom")
+    parser.add_argument("--memory-gib", type=float, default=0.0, help="custom device: memory")
+    parser.add_argument("--tflops", type=float, default=0.0, help="custom device: dense bf16 peak")
+    parser.add_argument("--intra-gbps", type=float, default=300.0, help="custom device: intra-node GB/s per device")
+    parser.add_argument("--inter-gbps", type=float, default=25.0, help="custom device: inter-node GB/s per device")
+    parser.add_argument("--per-node", type=int, default=0, help="devices per node (default 8)")
+    parser.add_argument("--global-batch", type=int, default=512, help="sequences per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak for the matmuls")
+    parser.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context, buffers, fragmentation")
+    parser.add_argument("--top", type=int, default=15, help="rows of the ranked table")
+    for flag in ("tp", "pp", "dp", "zero", "micro-batch"):
+        parser.add_argument(f"--{flag}", type=int, default=None, help=f"show only choices with this {flag}")
+    parser.add_argument("--recompute", choices=["off", "selective", "full"], default=None)
+    parser.add_argument("--validate", metavar="CONFIG", help="dry-run a training config for --world-size ranks")
+    parser.add_argument("--world-size", type=int, default=0, help="with --validate: ranks of the job")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="with --validate: config overrides")
+    parser.set_defaults(func=cmd_plan)
+
+
+def device_from(args: argparse.Namespace):  # noqa: ANN201
+    import dataclasses
+
+    from launch.planner import DEVICES, Device
+
+    if args.gpu == "custom":
+        if args.memory_gib <= 0 or args.tflops <= 0:
+            raise ConfigError("--gpu custom needs --memory-gib and --tflops")
+        dev = Device("custom", args.memory_gib, args.tflops, args.intra_gbps, args.inter_gbps)
+    elif args.gpu in DEVICES:
+        dev = DEVICES[args.gpu]
+    else:
+        raise ConfigError(f"--gpu {args.gpu!r} is not one of {', '.join([*DEVICES, 'custom'])}")
+    return dataclasses.replace(dev, per_node=args.per_node) if args.per_node else dev
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.validate:
+        from launch.validate import validate_job
+
+        if args.world_size < 1:
+            raise ConfigError("--validate needs --world-size N")
+        sys.stdout.write(validate_job(args.validate, args.world_size, args.overrides) + "\n")
+        return 0
+    from launch.planner import PlanRequest, format_table, plan, rejection_summary
+    from megatron_code.config import load_preset
+
+    if args.gpus < 1 or args.global_batch < 1 or args.seq_len < 1:
+        raise ConfigError("--gpus, --global-batch and --seq-len must be positive")
+    req = PlanRequest(load_preset(args.model), args.gpus, device_from(args), args.global_batch, args.seq_len,
+                      args.precision, args.efficiency, args.reserve_gib)
+    fits, rejected = plan(req)
+    wanted = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "micro_batch": args.micro_batch,
+              "recompute": args.recompute}
+    keep = [c for c in fits + rejected if all(v is None or getattr(c, k) == v for k, v in wanted.items())]
+    dev = req.device
+    out = [f"{args.model} on {args.gpus} x {dev.name} ({dev.memory_gib:g} GiB, {dev.peak_tflops:g} TFLOP/s, "
+           f"{dev.per_node} per node), global batch {args.global_batch} x {args.seq_len} tokens, {args.precision}, "
+           f"efficiency {args.efficiency:.0%}, reserve {args.reserve_gib:g} GiB",
+           f"{len(fits)} choices fit, {len(rejected)} do not", ""]
+    filtered = any(v is not None for v in wanted.values())
+    ranks = {c.key: i for i, c in enumerate(fits, 1)}
+    out.append(format_table(keep if filtered else fits, args.top if not filtered else len(keep), ranks))
+    if not filtered:
+        out += ["", "choices that do not work:"]
+        out += [f"  {n:>5} x {kind}  (e.g. {example})" for kind, n, example in rejection_summary(rejected)]
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
