@@ -1,65 +1,94 @@
-"""Executing samples: assemble the program for its language, run it in the sandbox, classify the outcome.
+"""Executing one sample: assemble the program for its language (:mod:`eval_harness.runners`), compile it under its
+own timeout, run it in the sandbox, classify the outcome.
 
 Statuses: passed, failed, compile_error, timeout, runtime_error, sandbox_violation. A program passes only when it
-exits 0 *and* prints a random sentinel that the harness appends after the tests, so exiting early with status 0
-(``sys.exit(0)``, ``os._exit(0)``) never passes. Python is implemented here; the compiled languages follow.
+exits 0 *and* shows a random sentinel that the harness places after the tests.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from eval_harness.datasets import Problem
-from eval_harness.sandbox import Limits, RunResult, run_sandboxed, work_root
+from eval_harness.runners import BUILDERS, Program, link_tree
+from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
+
+STATUSES = ("passed", "failed", "compile_error", "timeout", "runtime_error", "sandbox_violation")
+FAILURE_MARKS = ("AssertionError", "Assertion failed", "Assertion `", "--- FAIL", "Error Trace:")
+SYNTAX_MARKS = ("SyntaxError", "IndentationError", "TabError")
 
 
-def python_interpreter() -> str:
-    """The system Python when there is one: the project's virtual environment may live under /tmp, which the sandbox
-    replaces with an empty tmpfs (and the tests need only the standard library)."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return sys.executable
-
-
-def python_program(problem: Problem, completion: str, sentinel: str) -> str:
-    """HumanEval-X: prompt + completion + tests (which end by calling check); MBPP: solution + setup + asserts."""
-    if problem.task_id.startswith("MBPP/"):
-        setup = problem.extra.get("test_setup_code", "")
-        return f"{completion}\n\n{setup}\n\n{problem.test}\n\nprint({sentinel!r})\n"
-    return f"{problem.prompt}{completion}\n\n{problem.test}\n\nprint({sentinel!r})\n"
-
-
-def classify(result: RunResult, sentinel: str) -> str:
+def classify(compiled: RunResult | None, result: RunResult | None, sentinel: str, on_stderr: bool = False) -> str:
+    if compiled is not None and (compiled.timed_out or compiled.returncode != 0):
+        return "timeout" if compiled.timed_out else "compile_error"
+    assert result is not None
     if result.timed_out:
         return "timeout"
-    if result.returncode == 0 and result.stdout.rstrip().endswith(sentinel):
+    if result.returncode == 0 and sentinel in (result.stderr if on_stderr else result.stdout):
         return "passed"
     if result.returncode == -signal.SIGXFSZ or "[Errno 27] File too large" in result.stderr:
         return "sandbox_violation"  # wrote or printed more than the file-size limit
-    if "SyntaxError" in result.stderr or "IndentationError" in result.stderr:
+    if any(m in result.stderr for m in SYNTAX_MARKS):
         return "compile_error"
-    if "AssertionError" in result.stderr or result.returncode == 0:
+    if result.returncode == 0 or any(m in result.stdout + result.stderr for m in FAILURE_MARKS):
         return "failed"  # a wrong answer, or an exit before the tests finished
     return "runtime_error"
 
 
-def execute_python(problem: Problem, completion: str, limits: Limits | None = None) -> dict[str, Any]:
-    """Run one Python sample; the result row (without the sample's own fields)."""
-    limits = limits or Limits()
-    sentinel = f"codegeex-tests-done-{secrets.token_hex(8)}"
-    program = python_program(problem, completion, sentinel)
+def new_sentinel() -> str:
+    return f"codegeex-tests-done-{secrets.token_hex(8)}"
+
+
+def program_digest(program: Program, sentinel: str) -> str:
+    """Identifies a program whatever its sentinel: identical programs are run once."""
+    text = "\0".join(f"{k}\0{v}" for k, v in sorted(program.files.items())).replace(sentinel, "")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_program(program: Program, sentinel: str, limits: Limits) -> dict[str, Any]:
+    """Compile (own timeout, stretched by load) and run one program in fresh directories; the result row."""
+    compiled = result = None
     with tempfile.TemporaryDirectory(prefix="codegeex-exec-", dir=work_root()) as tmp:
         work = Path(tmp)
-        (work / "main.py").write_text(program)
-        result = run_sandboxed([python_interpreter(), "-I", "main.py"], work, limits)
-    return {"status": classify(result, sentinel), "exit_code": result.returncode, "run_s": round(result.duration_s, 4),
-            "output": (result.stdout + result.stderr)[-limits.output_bytes:], "isolated": result.isolated,
-            "program_sha256": hashlib.sha256(program.replace(sentinel, "").encode()).hexdigest()}
+        for name, text in program.files.items():
+            (work / name).write_text(text)
+        for name, tree in program.linked.items():
+            link_tree(Path(tree), work / name)
+        if program.compile:
+            compiled = run_sandboxed(program.compile, work, compile_limits(limits), program.env)
+        if compiled is None or (compiled.returncode == 0 and not compiled.timed_out):
+            result = run_sandboxed(program.run, work, limits, program.env)
+    return result_row(program, sentinel, compiled, result, limits)
+
+
+def result_row(program: Program, sentinel: str, compiled: RunResult | None, result: RunResult | None,
+               limits: Limits) -> dict[str, Any]:
+    last = result or compiled
+    assert last is not None
+    return {"status": classify(compiled, result, sentinel, program.sentinel_on_stderr), "exit_code": last.returncode,
+            "compile_s": round(compiled.duration_s, 4) if compiled else 0.0,
+            "run_s": round(result.duration_s, 4) if result else 0.0,
+            "output": (last.stdout + last.stderr).replace(sentinel, "<sentinel>")[-limits.output_bytes:],
+            "isolated": last.isolated}
+
+
+def execute(problem: Problem, completion: str, limits: Limits | None = None, *, prefix: str | None = None,
+            test: str | None = None) -> dict[str, Any]:
+    """One sample: ``prefix`` (default: the problem's prompt) + ``completion``, then ``test`` (default: the
+    problem's tests). MBPP's completion is the whole solution."""
+    limits = limits or Limits()
+    sentinel = new_sentinel()
+    code_prefix = ("" if problem.task_id.startswith("MBPP/") else problem.prompt) if prefix is None else prefix
+    program = BUILDERS[problem.language](code_prefix + completion, problem.test if test is None else test,
+                                         problem.extra, sentinel)
+    row = run_program(program, sentinel, limits)
+    row["program_sha256"] = program_digest(program, sentinel)
+    return row
+
+
+execute_python = execute  # the name the first (Python-only) harness used

@@ -4,8 +4,9 @@ Each program runs:
 - in its own process group and, where ``unshare`` works (as root here), in new network, PID and mount namespaces:
   no network interfaces, every descendant dies with it, private empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (so
   work directories live under ``/var/lib/codegeex/exec``, or ``$CODEGEEX_EXEC_DIR``, see :func:`work_root`);
-- as ``nobody`` (uid 65534) when started as root, so it cannot write outside its work directory and the process
-  limit applies (root ignores RLIMIT_NPROC);
+- as an unprivileged user of its own (a uid drawn per run from an unused range, no account, no groups) when started
+  as root, so it cannot write outside its work directory, cannot touch a concurrent sample's files or processes, and
+  its process limit is its own (RLIMIT_NPROC counts every process of a uid; root ignores it);
 - under rlimits on CPU time, address space, processes and file size (which also caps what it can print: its output
   goes to files), with a minimal environment and a wall-clock timeout that kills the process group.
 When the namespaces are not available the result says ``isolated: False``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,7 +28,12 @@ from pathlib import Path
 
 from launch.config import option
 
-NOBODY = 65534
+UID_BASE, UID_SPAN = 200_000, 100_000  # far above the accounts of a Debian system
+
+
+def sandbox_uid() -> int:
+    """A fresh uid for one run (two concurrent runs share one with probability 1e-5)."""
+    return UID_BASE + secrets.randbelow(UID_SPAN)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Limits:
     """Per-program limits."""
 
     timeout_s: float = option(10.0, "wall-clock seconds before the process group is killed")
+    compile_timeout_s: float = option(60.0, "compile step's wall clock, stretched by the load (see compile_limits)")
     cpu_s: int = option(20, "CPU seconds (RLIMIT_CPU)")
     memory_bytes: int = option(4 << 30, "address space (RLIMIT_AS)")
     processes: int = option(64, "processes and threads of the sandbox user (RLIMIT_NPROC)")
@@ -49,6 +57,16 @@ class RunResult:
     stderr: str
     duration_s: float
     isolated: bool
+
+
+def compile_limits(limits: Limits) -> Limits:
+    """Compilers get their own timeout, stretched when the machine is busier than it has cores, so a loaded machine
+    does not fail correct programs."""
+    import dataclasses
+
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return dataclasses.replace(limits, timeout_s=limits.compile_timeout_s * max(1.0, load),
+                               cpu_s=max(limits.cpu_s, int(limits.compile_timeout_s * 2)))
 
 
 def _namespaces_available() -> bool:
@@ -94,11 +112,13 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
     base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                 "LANG": "C.UTF-8", **(env or {})}
     if isolated:
-        os.chown(workdir, NOBODY, NOBODY)
+        uid = sandbox_uid()
+        os.chown(workdir, uid, uid)
         for p in workdir.rglob("*"):
-            os.chown(p, NOBODY, NOBODY)
+            if p.is_dir() or p.stat().st_nlink == 1:  # hard links into a shared read-only tree stay root's
+                os.chown(p, uid, uid)
         inner = ("for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m tmpfs $d || exit 97; done; "
-                 'exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs "$@"')
+                 f'exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs "$@"')
         cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "sh", "-c", inner, "sh", *cmd]
     with tempfile.TemporaryDirectory() as out_dir:
         out, err = Path(out_dir) / "stdout", Path(out_dir) / "stderr"

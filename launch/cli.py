@@ -22,6 +22,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "model": ("megatron_code.cli", "model presets (parameters, FLOPs, memory), checkpoint conversion, generation"),
     "train": ("megatron_code.train_cli", "train with DeepSpeed ZeRO x tensor parallelism (under torchrun/deepspeed/srun)"),
     "plan": ("launch.plan_cli", "rank TP x PP x DP x ZeRO x micro-batch x checkpointing choices; --validate a config"),
+    "eval": ("eval_harness.cli", "HumanEval-X / MBPP: generate from checkpoints, execute in a sandbox, score, report"),
     "launch": ("launch.launch_cli", "start a training job: this machine, several (torchrun, deepspeed) or SLURM"),
 }
 

@@ -126,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's vocab_size "
                          f"({model.cfg.vocab_size})")
     cfg = load_config(SamplingConfig, overrides=args.overrides)
-    outs = generate(model, [tok.encode(p) for p in args.prompt], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id)
+    outs = generate(model, [tok.encode(p) for p in args.prompt], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id,
+                    vocab_limit=tok.vocab_size)
     for prompt, out in zip(args.prompt, outs):
         sys.stdout.write(prompt + tok.decode(out) + "\n")
     return 0

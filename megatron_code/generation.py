@@ -63,10 +63,11 @@ def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(
     model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
-    stop: Callable[[int, list[int]], bool] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None, vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt. Generation of a prompt ends at ``eod_id``, when ``stop(i, new_tokens)`` says so
-    (the caller's per-language rules), or after ``max_new_tokens``."""
+    (the caller's per-language rules), or after ``max_new_tokens``. ``vocab_limit``: the tokenizer's size, when the
+    model's vocabulary is padded beyond it (ids past it are never produced)."""
     model.eval()
     device = next(model.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
@@ -88,6 +89,8 @@ def generate(
             break  # no learned position beyond this
         logits, cache = model(step_tokens, step_pos, MaskInfo(seg), cache)  # (B, T, V/tp)
         last = _full_logits(model, logits[:, -1].float())  # (B, V)
+        if vocab_limit is not None and vocab_limit < last.shape[-1]:
+            last[:, vocab_limit:] = float("-inf")
         if cfg.greedy:
             nxt = last.argmax(dim=-1)
         else:

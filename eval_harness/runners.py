@@ -1,0 +1,148 @@
+"""Programs for the languages of HumanEval-X (and MBPP), assembled as the benchmark intends, and run in the
+sandbox with a compile step and a run step under separate timeouts.
+
+A program passes only if it exits 0 *and* a random sentinel appears after the tests have run, so exiting early with
+status 0 (``sys.exit(0)``, ``exit(0)``, ``System.exit(0)``, ``process.exit(0)``, ``os.Exit(0)``) never passes:
+- Python: the sentinel is printed after the tests.
+- C++: the test's ``main`` is renamed; a new ``main`` calls it and prints the sentinel after it.
+- Java: a runner class calls ``Main.main`` and prints the sentinel after it.
+- JavaScript: ``console.assert`` only prints on failure, so it is replaced by one that throws (ordinary printing is
+  untouched); the sentinel is the program's last statement.
+- Go: a ``TestMain`` prints the sentinel (``println``, no import needed) when every test passed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GO_PACKAGES = ["math", "strings", "fmt", "strconv", "sort", "bytes", "regexp", "time", "math/rand", "crypto/md5", "os",
+               "os/exec", "net",
+               "unicode", "math/big", "container/heap", "reflect"]
+
+
+@dataclass
+class Program:
+    """Files to write, how to compile (optional) and run, and where the sentinel appears."""
+
+    files: dict[str, str]
+    run: list[str]
+    compile: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    sentinel_on_stderr: bool = False
+    linked: dict[str, str] = field(default_factory=dict)  # work-dir name -> read-only tree to hard-link there
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``target`` gets fresh directories (the sandbox may add files) holding hard links to ``source``'s files, which
+    stay root's and read-only: a program can read them, not change them for the next one."""
+    for dirpath, _, files in os.walk(source):
+        rel = Path(dirpath).relative_to(source)
+        (target / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.link(Path(dirpath) / name, target / rel / name)
+
+
+def python_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+    """HumanEval-X: code (prompt + completion) + tests, which end by calling check; MBPP: + setup before the asserts.
+    The system interpreter runs it: a virtual environment under /tmp is hidden by the sandbox's private /tmp, and
+    the tests need only the standard library."""
+    python = next((c for c in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(c, os.X_OK)), sys.executable)
+    setup = extra.get("test_setup_code", "")
+    source = f"{code}\n\n{setup}\n\n{test}\n\nprint({sentinel!r})\n"
+    return Program({"main.py": source}, [python, "-I", "main.py"])
+
+
+def cpp_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+    test = re.sub(r"\bint\s+main\s*\(", "int codegeex_tests_main(", test, count=1)
+    # the tests' main usually ends without `return`: its value is ignored (defined enough at -O0); a failed assert
+    # aborts before the sentinel, an early exit() never reaches it
+    source = (f"{code}\n{test}\n#include <cstdio>\nint main() {{\n"
+              f"    codegeex_tests_main();\n    std::printf(\"\\n%s\\n\", \"{sentinel}\");\n"
+              "    std::fflush(stdout);\n    return 0;\n}\n")
+    return Program({"main.cpp": source}, ["./main"],
+                   ["g++", "-std=c++17", "-O0", "-pipe", "main.cpp", "-o", "main", "-lcrypto", "-lssl"])
+
+
+JVM = ["-Xmx1g", "-Xss16m", "-XX:ReservedCodeCacheSize=64m", "-XX:CompressedClassSpaceSize=64m",
+       "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
+
+
+def java_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+    runner = ("\nclass CodegeexRunner {\n    public static void main(String[] args) throws Exception {\n"
+              f"        Main.main(args);\n        System.out.println(\"\\n{sentinel}\");\n    }}\n}}\n")
+    source = f"{code}\n{test}\n{runner}"
+    return Program({"Main.java": source}, ["java", *JVM, "-cp", ".", "CodegeexRunner"],
+                   ["javac", *(f"-J{o}" for o in JVM[:1] + JVM[2:]), "-nowarn", "-encoding", "UTF-8", "-d", ".",
+                    "Main.java"])
+
+
+JS_PRELUDE = """console.assert = (condition, ...message) => {
+  if (!condition) { throw new Error('Assertion failed' + (message.length ? ': ' + message.join(' ') : '')); }
+};
+"""
+
+
+def node_path() -> str:
+    """Where js-md5 (needed by JS/162) is installed by `make`: the environment's own node_modules."""
+    return str(REPO / ".venv" / "node" / "node_modules")
+
+
+def js_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+    source = f"{JS_PRELUDE}{code}\n{test}\nprocess.stdout.write('\\n{sentinel}\\n');\n"
+    return Program({"main.js": source}, ["node", "--max-old-space-size=1024", "main.js"],
+                   env={"NODE_PATH": node_path()})
+
+
+GO_ENV = {"GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"}
+
+
+def go_cache() -> str:
+    """A warm, read-only Go build cache (the standard library, testify), built once. Each program compiles with its
+    own cache made of hard links to it: nothing is rebuilt, and no program can alter what the next one links."""
+    root = Path(os.environ.get("CODEGEEX_GOCACHE", "/var/lib/codegeex/gocache"))
+    if (root / "READY").exists():
+        return str(root)
+    warm = root.with_name(root.name + ".building")
+    shutil.rmtree(warm, ignore_errors=True)
+    (warm / "src").mkdir(parents=True)
+    imports = "".join(f'    _ "{p}"\n' for p in GO_PACKAGES)
+    (warm / "src" / "main_test.go").write_text(
+        f'package main\n\nimport (\n    "testing"\n    "github.com/stretchr/testify/assert"\n{imports})\n\n'
+        "func TestWarm(t *testing.T) { assert.Equal(t, 1, 1) }\n")
+    subprocess.run(["go", "test", "-c", "-o", "warm.bin", "main_test.go"], cwd=warm / "src", check=True,
+                   env={**os.environ, **GO_ENV, "GOCACHE": str(warm / "cache")}, capture_output=True)
+    shutil.rmtree(warm / "src")
+    for path in [warm, *warm.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (warm / "cache" / "READY").touch()
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(warm / "cache", root)
+    shutil.rmtree(warm, ignore_errors=True)
+    return str(root)
+
+
+def go_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+    """HumanEval-X Go: the test setup (package, testing, testify) + the prompt without its imports + the completion +
+    the tests. Imports are those the code uses, from the problem's own block and the common packages."""
+    declared = re.findall(r'"([^"]+)"', extra.get("import", ""))
+    body = code.replace(extra.get("import", ""), "") if extra.get("import") else code
+    setup = extra.get("test_setup", "package main\n\nimport (\n    \"testing\"\n)\n")
+    code_only = re.sub(r"//[^\n]*|/\*.*?\*/", "", body, flags=re.S)  # "strings." in a comment is no use
+    used = [p for p in dict.fromkeys(declared + GO_PACKAGES)
+            if p not in setup and re.search(rf"\b{re.escape(p.rsplit('/', 1)[-1])}\.", code_only)]
+    imports = "".join(f'import "{p}"\n' for p in used)
+    main = f'\nfunc TestMain(m *testing.M) {{\n    if m.Run() == 0 {{\n        println("{sentinel}")\n    }}\n}}\n'
+    source = f"{setup}\n{imports}\n{body}\n{test}\n{main}"
+    build = 'GOCACHE="$PWD/gocache" exec go test -c -vet=off -ldflags="-s -w" -o tests.bin main_test.go'
+    return Program({"main_test.go": source}, ["./tests.bin"], ["sh", "-c", build], env=GO_ENV,
+                   sentinel_on_stderr=True, linked={"gocache": go_cache()})
+
+
+BUILDERS = {"python": python_program, "cpp": cpp_program, "java": java_program, "js": js_program, "go": go_program}

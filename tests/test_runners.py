@@ -1,0 +1,124 @@
+"""C++, Java, JavaScript and Go in the sandbox: programs that try to cheat or harm never pass and never reach the host
+(early exit 0, infinite loop, fork bomb, unbounded allocation, writing outside the work directory, network, output
+flood), and a sample that returns wrong answers fails (JavaScript's console.assert included)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from eval_harness.datasets import load_humaneval_x
+from eval_harness.execution import execute
+from eval_harness.sandbox import Limits, isolation_available
+from tests.conftest import shared_path
+
+ESCAPE = Path("/var/lib/codegeex")  # outside every work directory, owned by root
+
+
+def cpp_static(code: str) -> str:
+    """Close the function, then run ``code`` in a static initialiser, before main and the tests."""
+    return ("return false;}\n#include <cstdlib>\n#include <cstdio>\n#include <sys/socket.h>\n#include <netinet/in.h>\n"
+            "#include <arpa/inet.h>\n#include <vector>\nstatic int codegeex_cheat = [](){ " + code + " return 0; }();\n")
+
+
+def cheats(port: int) -> dict[str, dict[str, str]]:
+    connect_c = (f"int s = socket(AF_INET, SOCK_STREAM, 0); sockaddr_in a{{}}; a.sin_family = AF_INET; "
+                 f"a.sin_port = htons({port}); a.sin_addr.s_addr = inet_addr(\"127.0.0.1\"); "
+                 "connect(s, (sockaddr*)&a, sizeof a);")
+    return {
+        "cpp": {
+            "exit0": cpp_static("std::exit(0);"),
+            "loop": "while (true) {}\n}\n",
+            "fork": cpp_static("while (true) std::system(\"sleep 100 &\");"),
+            "memory": cpp_static("std::vector<std::vector<char>> v; while (true) v.emplace_back(1 << 24, 'x');"),
+            "write": cpp_static(f"FILE* f = std::fopen(\"{ESCAPE}/escape-cpp\", \"w\"); if (f) std::fputs(\"x\", f);"),
+            "network": cpp_static(connect_c),
+            "flood": cpp_static("while (true) std::puts(\"flood flood flood flood\");"),
+        },
+        "java": {
+            "exit0": "System.exit(0); return true;\n    }\n}\n",
+            "loop": "while (true) {}\n    }\n}\n",
+            "fork": "while (true) { try { new ProcessBuilder(\"sleep\", \"100\").start(); } catch (Exception e) {} }\n"
+                    "    }\n}\n",
+            "memory": "java.util.List<long[]> l = new java.util.ArrayList<>(); while (true) l.add(new long[1 << 20]);"
+                      "\n    }\n}\n",
+            "write": f"try {{ java.nio.file.Files.writeString(java.nio.file.Path.of(\"{ESCAPE}/escape-java\"), \"x\"); "
+                     "} catch (Exception e) {} return false;\n    }\n}\n",
+            "network": f"try {{ new java.net.Socket(\"127.0.0.1\", {port}); }} catch (Exception e) {{}} return false;\n"
+                       "    }\n}\n",
+            "flood": "while (true) System.out.println(\"flood flood flood flood\");\n    }\n}\n",
+        },
+        "js": {
+            "exit0": "process.exit(0)\n}\n",
+            "loop": "while (true) {}\n}\n",
+            "fork": "const cp = require('child_process'); while (true) { try { cp.spawn('sleep', ['100']) } catch (e) {} }"
+                    "\n}\n",
+            "memory": "const a = []; while (true) a.push(new Array(1e6).fill(1))\n}\n",
+            "write": f"try {{ require('fs').writeFileSync('{ESCAPE}/escape-js', 'x') }} catch (e) {{}} return false\n}}\n",
+            "network": f"require('net').connect({port}, '127.0.0.1'); return false\n}}\n",
+            "flood": "while (true) console.log('flood flood flood flood')\n}\n",
+        },
+        "go": {
+            "exit0": "os.Exit(0)\n    return true\n}\n",
+            "loop": "for {\n    }\n}\n",
+            "fork": "for {\n        exec.Command(\"sleep\", \"100\").Start()\n    }\n}\n",
+            "memory": "var s [][]byte\n    for {\n        s = append(s, make([]byte, 1<<24))\n        s[len(s)-1][0] = 1\n"
+                      "    }\n}\n",
+            "write": f"os.WriteFile(\"{ESCAPE}/escape-go\", []byte(\"x\"), 0644)\n    return false\n}}\n",
+            "network": f"net.Dial(\"tcp\", \"127.0.0.1:{port}\")\n    return false\n}}\n",
+            "flood": "for {\n        fmt.Println(\"flood flood flood flood\")\n    }\n}\n",
+        },
+    }
+
+
+WRONG = {"cpp": "return false;\n}\n", "java": "return false;\n    }\n}\n", "js": "return false\n}\n",
+         "go": "return false\n}\n"}
+EXPECTED = {"exit0": {"failed"}, "loop": {"timeout"}}
+
+
+@pytest.fixture(scope="module")
+def first_problems():
+    data = shared_path("humaneval-x")
+    return {lang: probs[0] for lang, probs in load_humaneval_x(data, ["cpp", "java", "js", "go"]).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lang", ["cpp", "java", "js", "go"])
+def test_cheating_and_harmful_programs_never_pass_nor_reach_the_host(first_problems, lang):
+    if not isolation_available():
+        pytest.skip("network/PID/mount namespaces need root and unshare")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    connections: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                connections.append(server.accept())
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    problem = first_problems[lang]
+    (ESCAPE / f"escape-{lang}").unlink(missing_ok=True)
+    limits = Limits(timeout_s=4, cpu_s=6, memory_bytes=2 << 30)
+    try:
+        statuses = {name: execute(problem, code, limits)["status"]
+                    for name, code in cheats(server.getsockname()[1])[lang].items()}
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert all(s != "passed" for s in statuses.values()), statuses
+    for name, allowed in EXPECTED.items():
+        assert statuses[name] in allowed, (name, statuses)
+    assert statuses["flood"] in ("sandbox_violation", "timeout"), statuses
+    assert not (ESCAPE / f"escape-{lang}").exists() and not connections, statuses
+    assert execute(problem, WRONG[lang], limits)["status"] == "failed"
+    assert execute(problem, problem.canonical_solution, limits)["status"] == "passed"
