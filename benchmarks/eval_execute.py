@@ -39,7 +39,7 @@ def reference_commands(lang: str, work: Path) -> tuple[list[list[str]], dict[str
     """The published design's commands (compile, then run) for one program already written in ``work``."""
     env = dict(os.environ)
     if lang == "python":
-        return [["python3", "main.py"]], env
+        return [["/usr/bin/python3", "main.py"]], env  # the interpreter itself (a pyenv shim would slow it)
     if lang == "cpp":
         return [["g++", "-std=c++17", "main.cpp", "-o", "main", "-lcrypto", "-lssl"], ["./main"]], env
     if lang == "java":

@@ -61,6 +61,9 @@ def make_jobs(samples: list[dict[str, Any]], problems: dict[str, Problem]) -> li
         problem = problems.get(s["task_id"])
         if problem is None:
             raise ValueError(f"sample {s['key']}: task {s['task_id']} is not in the benchmark data given")
+        if problem.language not in BUILDERS:
+            raise ValueError(f"sample {s['key']}: no runner for {problem.language} here (Rust runs when its "
+                             "toolchain is installed and a runner added)")
         code, test = code_and_test(s, problem)
         sentinel = new_sentinel()
         program = BUILDERS[problem.language](code + s["completion"], test, problem.extra, sentinel)

@@ -147,3 +147,22 @@ def test_example_tests_and_incremental_prompts_with_reference_completions_pass(t
     assert codegeex("eval", "report", str(tmp_path / "r.jsonl"), "--output", str(tmp_path / "rep")) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "### example pass@k" in md and "micro: every (problem, prefix) prompt" in md
+
+
+def test_mbpp_samples_through_the_cli(tmp_path):
+    from eval_harness.datasets import load_mbpp
+
+    path = shared_path("mbpp", "mbpp.jsonl")
+    problems = load_mbpp(path)[:6]
+    rows = [{"task_id": p.task_id, "completion": p.canonical_solution} for p in problems]
+    rows.append({"task_id": problems[0].task_id, "completion": "def nothing():\n    return None\n"})
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert codegeex("eval", "execute", str(samples), "--mbpp", str(path), "--output", str(tmp_path / "r.jsonl")) == 0
+    results = read_results(tmp_path / "r.jsonl")
+    assert [r["passed"] for r in results if r["sample_index"] == 0] == [True] * 6
+    assert [r["status"] for r in results if r["sample_index"] == 1] in (["failed"], ["runtime_error"])
+    with pytest.raises(ValueError, match="--mbpp FILE is needed"):
+        from eval_harness.cli import execute_file
+
+        execute_file(str(samples), "", "", str(tmp_path / "r2.jsonl"))
