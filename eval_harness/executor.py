@@ -9,6 +9,7 @@ by root), and each program runs in its own sandbox and fresh directory with them
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -80,11 +81,11 @@ def _javac_batch(programs: list[tuple[str, Job]], root: Path, limits: Limits) ->
     (root / "classes").mkdir(exist_ok=True)
     failures: dict[str, RunResult] = {}
     pending = [pkg for pkg, _ in programs]
-    scaled = compile_limits(limits)
+    base = compile_limits(limits)
     for _ in range(3):
         if not pending:
             break
-        scaled.timeout_s = scaled.timeout_s * max(1.0, len(pending) / 20)
+        scaled = dataclasses.replace(base, timeout_s=base.timeout_s * max(1.0, len(pending) / 20))  # a batch is longer
         cmd = ["javac", *(f"-J{o}" for o in JVM[:1] + JVM[2:]), "-nowarn", "-encoding", "UTF-8", "-d", "classes",
                *(f"src/{pkg}/Main.java" for pkg in pending)]
         out = run_sandboxed(cmd, root, scaled)
