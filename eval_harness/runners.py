@@ -113,8 +113,22 @@ JS_PRELUDE = """console.assert = (condition, ...message) => {
 
 
 def node_path() -> str:
-    """Where js-md5 (needed by JS/162) is installed by `make`: the environment's own node_modules."""
-    return str(REPO / ".venv" / "node" / "node_modules")
+    """Where the sandboxed node finds js-md5 (needed by JS/162). `make` installs it into the environment's own
+    node_modules; that may live under /tmp, which the sandbox hides, so it is copied once (root-owned, read-only)
+    beside the work directories."""
+    source = REPO / ".venv" / "node" / "node_modules"
+    target = Path(os.environ.get("CODEGEEX_NODE_MODULES", "/var/lib/codegeex/node_modules"))
+    if (target / "js-md5").is_dir() or not (source / "js-md5").is_dir() or os.geteuid() != 0:
+        return str(target) if (target / "js-md5").is_dir() else str(source)
+    staging = target.with_name(f"{target.name}.{os.getpid()}")
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if target.exists():  # another process got there first
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, target)
+    return str(target)
 
 
 def js_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
