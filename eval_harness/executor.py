@@ -1,4 +1,5 @@
-"""Executing many samples fast: identical programs run once, Java is compiled in batches, workers run in parallel,
+"""Executing many samples fast: identical programs run once, Java and Go are compiled in batches (Go:
+:mod:`eval_harness.gobatch`), workers run in parallel,
 results stream to the results file as they finish (see :mod:`eval_harness.samples` for resumption).
 
 Java batches: every program goes into its own package (``package cgN;`` before its imports) and one ``javac`` compiles
@@ -25,6 +26,7 @@ from typing import Any
 
 from eval_harness.datasets import Problem
 from eval_harness.execution import new_sentinel, program_digest, result_row, run_program
+from eval_harness.gobatch import run_go_batch
 from eval_harness.runners import BUILDERS, JVM, Program
 from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
 
@@ -132,7 +134,7 @@ def run_java_batch(jobs: list[Job], limits: Limits, workers: int, done: Callable
 
 
 def execute_jobs(jobs: list[Job], limits: Limits, workers: int, on_result: Callable[[dict[str, Any]], None],
-                 java_batch: int = 64) -> dict[str, float]:
+                 batch_size: int = 64) -> dict[str, float]:
     """Run every job (identical programs once); ``on_result`` gets each sample's row as soon as it is known.
     Returns counts: jobs, unique programs, seconds."""
     start = time.perf_counter()
@@ -150,14 +152,17 @@ def execute_jobs(jobs: list[Job], limits: Limits, workers: int, on_result: Calla
                 on_result({**twin.sample, **row, "passed": row["status"] == "passed", "cached": i > 0})
 
     java = [j for j in unique if "Main.java" in j.program.files]
-    others = [j for j in unique if "Main.java" not in j.program.files]
+    go = [j for j in unique if j.program.unit]
+    others = [j for j in unique if "Main.java" not in j.program.files and not j.program.unit]
     def run_other(job: Job) -> None:
         done(job, run_program(job.program, job.sentinel, limits))
 
     with ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(run_other, j) for j in others]
-        for i in range(0, len(java), java_batch):  # compile batch i while the other languages run
-            run_java_batch(java[i:i + java_batch], limits, max(1, workers), done)
+        for i in range(0, len(java), batch_size):  # build batch i while the other languages run
+            run_java_batch(java[i:i + batch_size], limits, max(1, workers), done)
+        for i in range(0, len(go), batch_size):
+            run_go_batch(go[i:i + batch_size], limits, max(1, workers), done)
         for f in as_completed(futures):
             f.result()
     return {"jobs": len(jobs), "unique_programs": len(unique), "seconds": time.perf_counter() - start}

