@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "numpy>=1.26",
         "pyyaml>=6",
+        "matplotlib>=3.8",
         "tqdm>=4.60",
         "pyarrow>=15",
         "sentencepiece>=0.2",

@@ -30,7 +30,7 @@ from data_pipeline.dedup import MinHasher, content_hash
 from data_pipeline.default_corpus import expand_inputs
 from data_pipeline.documents import Document, accepted_documents
 from data_pipeline.filters import SyntaxChecker
-from data_pipeline.packing import MODALITY_CODE, MODALITY_DOCSTRING
+from data_pipeline.pairs import pair_tokens
 from data_pipeline.sources import Unit, enumerate_units
 from data_pipeline.spool import merge_spools, spool_done, write_spool
 from data_pipeline.store import write_json_atomic
@@ -99,10 +99,7 @@ class UnitProcessor:
             arr[len(tag):-1] = ids
             arr[-1] = self.eod
             return arr, None
-        prefix = [*tag, tok.piece_id("[descr]"), *tok.encode(d.pair.docstring + "\n"), tok.piece_id(d.language.code_marker)]
-        code = [*tok.encode(d.pair.code), tok.piece_id("[eoc]"), self.eod]
-        modality = np.array([MODALITY_DOCSTRING] * len(prefix) + [MODALITY_CODE] * len(code), dtype=np.uint8)
-        return np.array(prefix + code, dtype=dtype), modality
+        return pair_tokens(tok, d, self.cfg.extract)
 
     def __call__(self, unit: Unit) -> dict[str, Any]:
         skips: Counter[str] = Counter()
@@ -147,7 +144,8 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
     state = {"identity": spool_identity(cfg, tokenizer), "units": len(units), "enumeration_skips": dict(skips),
              "tokenizer": {"path": str(cfg.tokenizer), "sha256": tokenizer.fingerprint,
                            "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
-                           "eod": EOD, "token_dtype": tokenizer.token_dtype.name}}
+                           "eod": EOD, "token_dtype": tokenizer.token_dtype.name,
+                           "mask_id": tokenizer.piece_id("[MASK]")}}
     state_file = work / "state.json"
     if state_file.exists():
         old = json.loads(state_file.read_text())

@@ -14,6 +14,9 @@ from data_pipeline.extract import ExtractConfig, FunctionPair, extract_functions
 from data_pipeline.filters import FilterConfig, Skip, SyntaxChecker, check_text
 from data_pipeline.languages import Language, language_for_path
 from data_pipeline.sources import RecordFields, Unit, read_unit
+from data_pipeline.whitespace import DEDENT, INDENT, NEW_LINE
+
+WHITESPACE_MARKERS = (NEW_LINE, INDENT, DEDENT)
 
 
 @dataclass
@@ -53,6 +56,9 @@ def accepted_documents(
             continue
         if extract.functions:
             for pair in extract_functions(lang, raw.data, tree, extract.min_docstring_chars):
+                if extract.normalize_whitespace and any(m in pair.code for m in WHITESPACE_MARKERS):
+                    skips["marker_text_in_code"] += 1  # normalising it could not be undone
+                    continue
                 yield Document(f"{raw.source}::{pair.name}", lang, f"{pair.docstring}\n{pair.code}", pair)
             if not extract.keep_files:
                 continue

@@ -13,7 +13,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from data_pipeline.languages import Language, load_grammar
 from launch.config import option
@@ -27,6 +27,11 @@ class ExtractConfig:
     keep_files: bool = option(True, "with functions on, also keep each whole file as a document")
     remove_comments: bool = option(False, "strip comments (not Python docstrings) from whole-file documents")
     min_docstring_chars: int = option(8, "pairs whose docstring is shorter are not emitted")
+    pair_order: Literal["docstring_first", "signature_first"] = option(
+        "docstring_first", "docstring_first: [descr] docstring [python] signature code [eoc] (PanGu-Coder); "
+        "signature_first: [sos] signature [descr] docstring [python] code [eoc] (PyCodeGPT)")
+    normalize_whitespace: bool = option(False, "code of pairs with [new_line], [indent], [dedent] (reversible: "
+                                        "data_pipeline.whitespace.restore gives the code back exactly)")
 
 
 @dataclass(frozen=True)

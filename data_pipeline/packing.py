@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Per-token modality of text-to-code pairs: bit flags (whole files are all code, 0).
+TEXT = 1  # embedded by the docstring table under embedding separation (docstring text and the markers around it)
+PREFIX = 2  # inside the bidirectional, loss-free prefix of PREFIX-CODE-CLM
+CORRUPTIBLE = 4  # docstring text that CORRUPT-CODE-CLM may replace
 MODALITY_CODE = 0
-MODALITY_DOCSTRING = 1
+MODALITY_DOCSTRING = TEXT | PREFIX | CORRUPTIBLE  # 7
+MODALITY_MARKUP = TEXT | PREFIX  # 3: the language tag, [sos], [descr], the code marker
+MODALITY_SIGNATURE = PREFIX  # 2: the signature in the PyCodeGPT order (code, but part of the prefix)
 
 
 @dataclass

@@ -154,7 +154,10 @@ class DataSampler:
         return batch[lo:lo + self.local_batch_size]
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        return collate([self.sources[s].store[i] for s, i in self.next_indices()])
+        picks = self.next_indices()
+        batch = collate([self.sources[s].store[i] for s, i in picks])
+        batch["sample_keys"] = np.array(picks, dtype=np.int64).reshape(-1, 2)  # (B, 2): source, store index
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.to_dict()

@@ -37,8 +37,15 @@ def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     if checkpoint:
         p.add_argument("--checkpoint", required=True, help="model checkpoint (or a training step-N directory)")
     p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the one the checkpoint names)")
-    p.add_argument("--data", required=True, help="HumanEval-X directory")
-    p.add_argument("--task", default="humaneval-x", choices=["humaneval-x", "translation", "incremental"])
+    p.add_argument("--data", default="", help="HumanEval-X directory")
+    p.add_argument("--mbpp", default="", help="mbpp.jsonl (for --task mbpp; the test split, ids 11-510)")
+    p.add_argument("--task", default="humaneval-x", choices=["humaneval-x", "translation", "incremental", "mbpp"])
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "plain", "pairs"],
+                   help="pairs: Python and MBPP prompts in the text-to-code pair layout of the checkpoint's data "
+                        "(auto: when the checkpoint was trained on pairs)")
+    p.add_argument("--prefix-lm", default="auto", choices=["auto", "on", "off"],
+                   help="bidirectional attention over the prompt's docstring prefix (auto: when the checkpoint was "
+                        "trained with prefix-code-clm)")
     p.add_argument("--languages", default="all")
     p.add_argument("--problems", type=int, default=0, help="only the first N problems per language (0: all)")
     p.add_argument("--n", type=int, default=1, help="samples per task")
@@ -55,24 +62,79 @@ def model_dir(path: str | Path) -> Path:
     return path / "model" if (path / "model" / "manifest.json").is_file() else path
 
 
-def make_tasks(args: argparse.Namespace) -> list[Any]:
-    from eval_harness.datasets import load_humaneval_x, resolve_languages
-    from eval_harness.tasks import generation_tasks, incremental_tasks, translation_tasks
+def make_tasks(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The tasks to generate, and their problems by task id."""
+    from eval_harness.datasets import load_humaneval_x, load_mbpp, resolve_languages
+    from eval_harness.tasks import generation_tasks, incremental_tasks, mbpp_tasks, translation_tasks
 
+    if args.task == "mbpp":
+        if not args.mbpp:
+            raise ValueError("--task mbpp needs --mbpp PATH (mbpp.jsonl)")
+        mbpp = load_mbpp(args.mbpp)[:args.problems or None]
+        return mbpp_tasks(mbpp), {p.task_id: p for p in mbpp}
+    if not args.data:
+        raise ValueError(f"--task {args.task} needs --data HUMANEVAL_X_DIR")
     by_lang = load_humaneval_x(args.data, resolve_languages(args.languages))
     if args.problems:
         by_lang = {lang: probs[:args.problems] for lang, probs in by_lang.items()}
-    if args.task == "translation":
-        return translation_tasks(by_lang)
     flat = [p for probs in by_lang.values() for p in probs]
-    return incremental_tasks(flat) if args.task == "incremental" else generation_tasks(flat)
+    problems = {p.task_id: p for p in flat}
+    if args.task == "translation":
+        return translation_tasks(by_lang), problems
+    return (incremental_tasks(flat) if args.task == "incremental" else generation_tasks(flat)), problems
+
+
+def prompt_format(args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[Any, bool]:
+    """(the pair layout to prompt with, or None for plain prompts; whether the docstring prefix is bidirectional)."""
+    from eval_harness.pair_prompts import PairFormat
+
+    pairs = manifest.get("pairs")
+    if args.prompt_format == "pairs" and not pairs:
+        log.warning("the checkpoint records no pair layout; prompting with docstring_first, no whitespace markers")
+    use = args.prompt_format == "pairs" or (args.prompt_format == "auto" and bool(pairs))
+    fmt = PairFormat(pairs.get("order", "docstring_first"), bool(pairs.get("normalize_whitespace"))) if pairs else \
+        PairFormat()
+    prefix = args.prefix_lm == "on" or (args.prefix_lm == "auto" and manifest.get("objective") == "prefix-code-clm")
+    return (fmt if use else None), prefix
+
+
+class Prompter:
+    """Token ids (and modality) of each task's prompt, and its completion from generated tokens."""
+
+    def __init__(self, tok: Any, problems: dict[str, Any], fmt: Any) -> None:
+        self.tok, self.problems, self.fmt = tok, problems, fmt
+
+    def uses_pairs(self, task: Any) -> bool:
+        from eval_harness.pair_prompts import supports_pairs
+
+        return self.fmt is not None and supports_pairs(task)
+
+    def encode(self, task: Any) -> tuple[list[int], list[int], str]:
+        from eval_harness.pair_prompts import pair_task
+
+        if not self.uses_pairs(task):
+            ids = self.tok.encode(task.prompt)
+            return ids, [0] * len(ids), ""
+        ids, modality, code_before = pair_task(self.tok, task, self.problems[task.task_id], self.fmt)
+        return ids.tolist(), modality.tolist(), code_before
+
+    def completion(self, task: Any, new: list[int], code_before: str) -> tuple[str, bool]:
+        """(the completion so far, cut at its end; whether it has ended)."""
+        from eval_harness.pair_prompts import pair_completion
+        from eval_harness.stops import truncate
+
+        text = self.tok.decode(new)
+        if not self.uses_pairs(task):
+            return truncate(task.language, task.prompt, text)
+        ended = "[eoc]" in text
+        cut, stopped = truncate("python", "", pair_completion(text, code_before, self.fmt))  # Python's stop rules
+        return cut, ended or stopped
 
 
 def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: str | Path) -> int:
     """Generate the samples ``output`` lacks; returns how many were added."""
     from data_pipeline.tokenizer import CodeTokenizer
     from eval_harness.samples import read_samples
-    from eval_harness.stops import truncate
     from megatron_code.checkpoint import load_model, read_manifest
     from megatron_code.generation import SamplingConfig, generate
     from megatron_code.parallel import build_parallel_context, single_context
@@ -83,7 +145,9 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
     if not tok_path:
         raise ValueError(f"{ckpt}: the checkpoint names no tokenizer; pass --tokenizer MODEL")
     tok = CodeTokenizer(tok_path)
-    tasks = make_tasks(args)
+    tasks, problems = make_tasks(args)
+    fmt, prefix_lm = prompt_format(args, manifest)
+    prompter = Prompter(tok, problems, fmt)
     have = Counter(s["key"] for s in read_samples(output)) if Path(output).exists() else Counter()
     todo = [(t, j) for t in tasks for j in range(have[t.key], args.n)]
     if not todo:
@@ -97,25 +161,23 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
     added = 0
     with open(output, "a") as fh:
         for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
+            batch = [t for t, _ in todo[start:start + args.batch_size]]
             cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                                  top_p=args.top_p, seed=args.seed + start)
-            prompts = [t.prompt for t, _ in batch]
+            encoded = [prompter.encode(t) for t in batch]
 
-            langs = [t.language for t, _ in batch]
+            def stop(i: int, new: list[int], batch: list[Any] = batch, encoded: list[Any] = encoded) -> bool:
+                return prompter.completion(batch[i], new, encoded[i][2])[1]
 
-            def stop(i: int, new: list[int], prompts: list[str] = prompts, langs: list[str] = langs) -> bool:
-                return truncate(langs[i], prompts[i], tok.decode(new))[1]
-
-            outs = generate(model, [tok.encode(p) for p in prompts], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id,
-                            stop=stop, vocab_limit=tok.vocab_size)
+            outs = generate(model, [e[0] for e in encoded], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id, stop=stop,
+                            vocab_limit=tok.vocab_size, modality=[e[1] for e in encoded], prefix_lm=prefix_lm)
             if pc.rank != 0:
                 continue
-            for (task, _), out in zip(batch, outs, strict=True):
-                completion = truncate(task.language, task.prompt, tok.decode(out))[0]
-                fh.write(json.dumps({"task_id": task.task_id, "completion": completion, "key": task.key,
-                                     "kind": task.kind, "language": task.language,
+            for task, out, enc in zip(batch, outs, encoded, strict=True):
+                fh.write(json.dumps({"task_id": task.task_id, "completion": prompter.completion(task, out, enc[2])[0],
+                                     "key": task.key, "kind": task.kind, "language": task.language,
                                      "source_language": task.source_language, "prefix_lines": task.prefix_lines,
+                                     "prompt_format": "pairs" if prompter.uses_pairs(task) else "plain",
                                      "checkpoint": str(ckpt), "checkpoint_step": step}) + "\n")
                 added += 1
             fh.flush()

@@ -46,6 +46,12 @@ def generation_tasks(problems: list[Problem]) -> list[Task]:
     return [Task(p.task_id, "generation", p.language, tag_line(p.language) + p.prompt) for p in problems]
 
 
+def mbpp_tasks(problems: list[Problem]) -> list[Task]:
+    """MBPP: the description and the first test in a docstring; the model writes the whole function."""
+    return [Task(p.task_id, "generation", "python",
+                 f'{tag_line("python")}"""\n{p.prompt}\n{p.test.splitlines()[0]}\n"""\n') for p in problems]
+
+
 def translation_tasks(by_language: dict[str, list[Problem]]) -> list[Task]:
     """Every ordered pair of the given languages, matched by problem number."""
     tasks = []

@@ -11,6 +11,12 @@ from pathlib import Path
 log = logging.getLogger("codegeex.model")
 
 
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    from megatron_code.neighbours import cmd_neighbours as run
+
+    return run(args)
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -37,6 +43,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling: max_new_tokens, greedy, temperature, "
                    "top_p, top_k, seed")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("neighbours", help="nearest tokens in the docstring and code embedding spaces, t-SNE plot")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint with separated embeddings (or a step-N dir)")
+    p.add_argument("--tokens", required=True, help="comma-separated words, each one token, e.g. open,join,def,split")
+    p.add_argument("--k", type=int, default=20, help="neighbours per token and space")
+    p.add_argument("--output", default="neighbours.png", help="where the t-SNE plot (PNG) goes")
+    p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the one the checkpoint names)")
+    p.set_defaults(func=cmd_neighbours)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

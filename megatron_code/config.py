@@ -31,6 +31,11 @@ class ModelConfig:
         "auto", "sdpa: dense mask, any device; flex: FlexAttention block mask (GPU); flash: flash-attn varlen (GPU); "
         "auto: flash, then flex on GPU, sdpa on CPU")
     params_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype")
+    embedding_separation: Literal["none", "full", "partial"] = option(
+        "none", "modality-relative embeddings (PanGu-Coder): full: a second vocab-parallel table for docstring tokens; "
+        "partial: own docstring rows only for separated_token_ids; the output layer stays tied to the code table")
+    separated_token_ids: list[int] = option([], "partial separation: token ids with their own docstring rows (filled "
+                                            "by stage 2 from the tokenizer: the language's keywords and built-ins)")
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +53,9 @@ class ModelConfig:
                      "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
+        bad = [i for i in self.separated_token_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"separated_token_ids {bad[:5]} are outside the vocabulary (vocab_size {self.vocab_size})")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be in [0, 1)")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from data_pipeline.packing import PREFIX, TEXT
 from launch.config import option
 from megatron_code.attention import MaskInfo
 from megatron_code.model import CodeGeeXModel, KVCache
@@ -64,10 +65,13 @@ def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
 def generate(
     model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
     stop: Callable[[int, list[int]], bool] | None = None, vocab_limit: int | None = None,
+    modality: Sequence[Sequence[int]] | None = None, prefix_lm: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt. Generation of a prompt ends at ``eod_id``, when ``stop(i, new_tokens)`` says so
     (the caller's per-language rules), or after ``max_new_tokens``. ``vocab_limit``: the tokenizer's size, when the
-    model's vocabulary is padded beyond it (ids past it are never produced)."""
+    model's vocabulary is padded beyond it (ids past it are never produced). ``modality``: per prompt token, the
+    store's flags (:mod:`data_pipeline.pairs`): TEXT tokens go to a separated docstring table, and with ``prefix_lm``
+    the PREFIX tokens attend to each other both ways, as PREFIX-CODE-CLM trained; generated tokens are code."""
     model.eval()
     device = next(model.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
@@ -79,6 +83,7 @@ def generate(
         tokens[i, longest - n:] = torch.tensor(list(p), dtype=torch.long)
         seg[i, longest - n:] = 0
         pos[i, longest - n:] = torch.arange(n)
+    text, prefix = _prompt_flags(modality, b, longest, device, prefix_lm)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * b
@@ -87,7 +92,7 @@ def generate(
     for _ in range(cfg.max_new_tokens):
         if int(step_pos.max()) >= model.cfg.max_position_embeddings:
             break  # no learned position beyond this
-        logits, cache = model(step_tokens, step_pos, MaskInfo(seg), cache)  # (B, T, V/tp)
+        logits, cache = model(step_tokens, step_pos, MaskInfo(seg, prefix), cache, text=text)  # (B, T, V/tp)
         last = _full_logits(model, logits[:, -1].float())  # (B, V)
         if vocab_limit is not None and vocab_limit < last.shape[-1]:
             last[:, vocab_limit:] = float("-inf")
@@ -111,4 +116,19 @@ def generate(
         step_tokens = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
         seg = torch.cat([seg, torch.zeros((b, 1), dtype=torch.long, device=device)], dim=1)
+        text = None if text is None else torch.zeros((b, 1), dtype=torch.bool, device=device)
+        if prefix is not None:
+            prefix = torch.cat([prefix, torch.zeros((b, 1), dtype=torch.bool, device=device)], dim=1)
     return out
+
+
+def _prompt_flags(modality: Sequence[Sequence[int]] | None, b: int, longest: int, device: torch.device,
+                  prefix_lm: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Left-padded (B, longest) TEXT and PREFIX masks of the prompts (padding: neither)."""
+    if modality is None:
+        return None, None
+    flags = torch.zeros((b, longest), dtype=torch.long, device=device)
+    for i, m in enumerate(modality):
+        if len(m):
+            flags[i, longest - len(m):] = torch.tensor(list(m), dtype=torch.long)
+    return (flags & TEXT) != 0, ((flags & PREFIX) != 0) if prefix_lm else None

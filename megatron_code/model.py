@@ -3,7 +3,8 @@
 Shapes: B batch, T new positions, Tk key positions (cache + new), C hidden, H local heads (heads / TP), D head
 size, V/tp the local slice of the vocabulary.
 
-    tokens (B, T) ─ word embedding (vocab-parallel) + position embedding ─▶ x (B, T, C)
+    tokens (B, T) ─ word embedding (vocab-parallel; docstring tokens from their own table or rows under
+                    embedding separation, see megatron_code/modality.py) + position embedding ─▶ x (B, T, C)
     x ─ layers[0..L-1]: x + attn(ln1(x)); x + mlp(ln2(x)) ─▶ final LayerNorm ─▶ h
     h ─ top-query layer: queries from top_query_embedding(position_ids), keys/values from ln1(h) ─▶ h'
     h' @ word_embeddingᵀ ─▶ logits (B, T, V/tp)
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_code.attention import BACKENDS, MaskInfo, resolve_backend
 from megatron_code.config import ModelConfig
+from megatron_code.modality import build_separation
 from megatron_code.parallel import ParallelContext
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values (B, H, Tk, D)
@@ -157,6 +159,7 @@ class CodeGeeXModel(nn.Module):
         std = cfg.init_method_std
         self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=_normal(std),
                                                       config=mp, tp_group=pc.tp_group)
+        self.docstring_embeddings = build_separation(cfg, pc, mp, _normal(std))
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=mp.params_dtype)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, pc, mp) for _ in range(cfg.num_layers))
@@ -197,9 +200,13 @@ class CodeGeeXModel(nn.Module):
                     set_tensor_model_parallel_attributes(param, True, dim, 1)
 
     def forward(self, tokens: Tensor, position_ids: Tensor, mask: MaskInfo,
-                cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """tokens, position_ids (B, T) -> vocab-parallel logits (B, T, V/tp) and the updated KV cache."""
-        x = self.word_embeddings(tokens) + self.position_embeddings(position_ids)  # (B, T, C)
+                cache: KVCache | None = None, text: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """tokens, position_ids (B, T) -> vocab-parallel logits (B, T, V/tp) and the updated KV cache; ``text`` (B, T)
+        marks docstring tokens, which separated embeddings take from their own table."""
+        x = self.word_embeddings(tokens)  # (B, T, C)
+        if self.docstring_embeddings is not None and text is not None:
+            x = self.docstring_embeddings.blend(x, tokens, text)
+        x = x + self.position_embeddings(position_ids)  # (B, T, C)
         x = self.embedding_dropout(x)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):

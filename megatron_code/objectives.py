@@ -3,6 +3,18 @@
 A window of ``W = seq_len + 1`` tokens gives inputs ``tokens[:, :-1]`` and labels ``tokens[:, 1:]``. Position ids and
 segment ids restart at every document start. The loss counts label position t when it is a real token (not padding)
 of the same document as the input at t: the end-of-document token is never asked to predict the next document.
+
+Text-to-code objectives (PanGu-Coder), from the per-token modality flags of the store (:mod:`data_pipeline.pairs`):
+
+    objective          inputs                          attention                      loss on labels that are
+    text-code-clm      as stored                       causal                         every token
+    code-clm           as stored                       causal                         code (not TEXT)
+    corrupt-code-clm   CORRUPTIBLE tokens replaced     causal                         code (not TEXT)
+    prefix-code-clm    as stored                       bidirectional inside PREFIX    outside the PREFIX
+
+Corruption picks each docstring token with probability ``corrupt_share``, then replaces it by ``[MASK]`` (0.8), a
+random token (0.1) or keeps it (0.1), from a generator seeded by (seed, source, store index): the same sample is
+corrupted the same way on every run, so a resumed run is exact.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from torch import Tensor
 
+from data_pipeline.packing import CORRUPTIBLE, PREFIX, TEXT
 from megatron_code.attention import MaskInfo
 from megatron_code.parallel import ParallelContext
 
@@ -27,18 +40,81 @@ class ModelInputs:
     position_ids: Tensor  # (B, T)
     mask: MaskInfo
     loss_mask: Tensor  # (B, T) float
+    text: Tensor | None = None  # (B, T) bool: inputs embedded by the docstring table under embedding separation
 
 
-def prepare_batch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> ModelInputs:
-    """The sampler's numpy batch (tokens, position_ids, document_ids, num_tokens) -> model inputs."""
-    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long, device=device)  # (B, W)
+@dataclass
+class Objective:
+    """An objective with what it needs at run time (from the store's tokenizer record)."""
+
+    name: str = "text-code-clm"
+    corrupt_share: float = 0.15
+    seed: int = 0
+    mask_id: int = -1
+    vocab_size: int = 0
+
+
+def make_objective(cfg: Any, manifests: list[tuple[str, dict[str, Any]]]) -> Objective:
+    """The run's objective (``cfg``: a TrainConfig), checked against the training stores' manifests (path, manifest)."""
+    name = cfg.objective.name
+    if name != "text-code-clm":
+        plain = [path for path, m in manifests if "modality" not in m.get("columns", [])]
+        if plain:
+            raise ValueError(f"objective.name {name} needs stores of text-to-code pairs with per-token modality; "
+                             f"{plain[0]} has none (build it with extract.functions=true)")
+    tokenizer = manifests[0][1].get("tokenizer", {})
+    if name == "corrupt-code-clm" and "mask_id" not in tokenizer:
+        raise ValueError(f"objective.name corrupt-code-clm needs the [MASK] id in {manifests[0][0]}'s manifest "
+                         "(tokenizer.mask_id); rebuild the store")
+    return Objective(name, cfg.objective.corrupt_share, cfg.seed, int(tokenizer.get("mask_id", -1)),
+                     int(tokenizer.get("vocab_size", 0)))
+
+
+def corrupt(tokens: np.ndarray, modality: np.ndarray, keys: np.ndarray, obj: Objective) -> np.ndarray:
+    """tokens, modality (B, W); keys (B, 2) (source, store index) -> tokens with docstring tokens corrupted."""
+    if obj.vocab_size <= 0 or obj.mask_id < 0:
+        raise ValueError(f"corrupt-code-clm needs the tokenizer's vocab_size ({obj.vocab_size}) and [MASK] id "
+                         f"({obj.mask_id})")
+    out = tokens.copy()
+    for b in range(len(tokens)):
+        rng = np.random.default_rng([obj.seed, int(keys[b, 0]), int(keys[b, 1])])
+        w = tokens.shape[1]
+        pick, how, rand = rng.random(w), rng.random(w), rng.integers(0, obj.vocab_size, w)
+        chosen = ((modality[b] & CORRUPTIBLE) != 0) & (pick < obj.corrupt_share)  # (W,)
+        out[b] = np.where(chosen & (how < 0.8), obj.mask_id, np.where(chosen & (how < 0.9), rand, tokens[b]))
+    return out
+
+
+def prepare_batch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu",
+                  objective: Objective | None = None) -> ModelInputs:
+    """The sampler's numpy batch (tokens, position_ids, document_ids, num_tokens, and modality and sample_keys for
+    pairs) -> model inputs under ``objective`` (default: text-code-clm)."""
+    obj = objective or Objective()
+    modality = batch.get("modality")
+    if modality is None and obj.name != "text-code-clm":
+        raise ValueError(f"objective {obj.name} needs per-token modality: build the store with extract.functions=true")
+    raw = batch["tokens"]
+    if obj.name == "corrupt-code-clm" and modality is not None:
+        raw = corrupt(raw, modality, batch["sample_keys"], obj)
+    tokens = torch.as_tensor(raw, dtype=torch.long, device=device)  # (B, W)
     seg = torch.as_tensor(batch["document_ids"], dtype=torch.long, device=device)  # (B, W)
     pos = torch.as_tensor(batch["position_ids"], dtype=torch.long, device=device)  # (B, W)
     num = torch.as_tensor(batch["num_tokens"], dtype=torch.long, device=device)  # (B,)
     w = tokens.shape[1]
     real = torch.arange(w, device=device)[None, :] < num[:, None]  # (B, W)
-    loss_mask = (real[:, 1:] & (seg[:, 1:] == seg[:, :-1])).float()  # (B, T)
-    return ModelInputs(tokens[:, :-1], tokens[:, 1:], pos[:, :-1], MaskInfo(seg[:, :-1]), loss_mask)
+    keep = real[:, 1:] & (seg[:, 1:] == seg[:, :-1])  # (B, T)
+    labels = torch.as_tensor(batch["tokens"], dtype=torch.long, device=device)[:, 1:]  # (B, T): never corrupted
+    if modality is None:
+        return ModelInputs(tokens[:, :-1], labels, pos[:, :-1], MaskInfo(seg[:, :-1]), keep.float())
+    mod = torch.as_tensor(modality.astype(np.int64), device=device)  # (B, W)
+    prefix = None
+    if obj.name in ("code-clm", "corrupt-code-clm"):
+        keep &= (mod[:, 1:] & TEXT) == 0
+    elif obj.name == "prefix-code-clm":
+        keep &= (mod[:, 1:] & PREFIX) == 0
+        prefix = (mod[:, :-1] & PREFIX) != 0  # (B, T)
+    return ModelInputs(tokens[:, :-1], labels, pos[:, :-1], MaskInfo(seg[:, :-1], prefix), keep.float(),
+                       (mod[:, :-1] & TEXT) != 0)
 
 
 class _VocabParallelCE(torch.autograd.Function):

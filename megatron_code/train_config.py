@@ -79,6 +79,18 @@ class FaultConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the loss is on (PanGu-Coder's text-to-code objectives; see megatron_code/objectives.py and docs/modality.md).
+    All but text-code-clm need a store of text-to-code pairs (built with extract.functions=true)."""
+
+    name: Literal["text-code-clm", "code-clm", "corrupt-code-clm", "prefix-code-clm"] = option(
+        "text-code-clm", "text-code-clm: every token; code-clm: code tokens only; corrupt-code-clm: code only, "
+        "docstring tokens corrupted; prefix-code-clm: bidirectional docstring prefix, loss after it")
+    corrupt_share: float = option(0.15, "corrupt-code-clm: share of docstring tokens picked (then [MASK] 0.8, a "
+                                  "random token 0.1, kept 0.1)")
+
+
+@dataclass
 class TrainConfig:
     """A training run."""
 
@@ -89,7 +101,10 @@ class TrainConfig:
     zero_stage: int = option(1, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (sharded over data-parallel ranks only)")
     micro_batch_size: int = option(1, "samples per forward on one rank")
     train_steps: int = option(100, "optimizer steps")
-    seed: int = option(1234, "seed of initialisation (the sampler has its own)")
+    seed: int = option(1234, "seed of initialisation and of docstring corruption (the sampler has its own)")
+    init_from: str = option("", "start from these weights (a checkpoint step directory, e.g. stage 1's): optimizer "
+                            "and schedule start fresh; embeddings are separated here when the model asks for it")
+    objective: ObjectiveConfig = option(ObjectiveConfig, "the training objective")
     activation_checkpointing: Literal["off", "selective", "full"] = option(
         "off", "selective: recompute attention in backward; full: recompute every layer from its input")
     data: SamplerConfig = option(SamplerConfig, "training data (data.global_batch_size is the global batch)")
@@ -103,6 +118,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if not 0.0 <= self.objective.corrupt_share <= 1.0:
+            raise ValueError(f"objective.corrupt_share ({self.objective.corrupt_share}) must be in [0, 1]")
         if self.train_steps < 1 or self.micro_batch_size < 1:
             raise ValueError(f"train_steps ({self.train_steps}) and micro_batch_size ({self.micro_batch_size}) "
                              "must be positive")

@@ -35,8 +35,16 @@ from megatron_code.deepspeed_glue import (
     parameter_groups,
 )
 from megatron_code.flops import flops_per_token
+from megatron_code.modality import fill_separated_ids, init_from_checkpoint
 from megatron_code.model import CodeGeeXModel
-from megatron_code.objectives import lm_loss, prepare_batch, vocab_parallel_cross_entropy
+from megatron_code.objectives import (
+    ModelInputs,
+    Objective,
+    lm_loss,
+    make_objective,
+    prepare_batch,
+    vocab_parallel_cross_entropy,
+)
 from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
 from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
 from megatron_code.train_config import TrainConfig
@@ -114,8 +122,14 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     pc = build_parallel_context(cfg.tp)
     cfg.model.check_tensor_parallel(pc.tp_size)
     ds_config = deepspeed_config(cfg, pc.dp_size)  # checks global batch = micro x accumulation x DP
+    sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
+    fill_separated_ids(cfg.model, sampler.sources[0].store.manifest)
     torch.manual_seed(cfg.seed)
     model = CodeGeeXModel(cfg.model, pc)
+    if cfg.init_from and (cfg.checkpoint.resume == "none" or (cfg.checkpoint.resume == "auto"
+                                                              and find_latest(cfg.checkpoint_dir) is None)):
+        init_from_checkpoint(model, cfg.init_from)  # stage 2: a fresh optimizer and schedule over these weights
+        log.info("weights from %s (embedding separation: %s)", cfg.init_from, cfg.model.embedding_separation)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -130,7 +144,6 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
         engine.enable_backward_allreduce = False  # one data-parallel rank: nothing to average, skip the bucket copies
     if optimizer is not None:
         record_clipped_norm(engine)
-    sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
     return pc, model, engine, sampler
 
 
@@ -151,6 +164,15 @@ def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.nd
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
 
 
+def checkpoint_extra(manifest: dict[str, Any], objective: str) -> dict[str, Any]:
+    """What generation needs from the data: the tokenizer, how text-to-code pairs were laid out, the objective."""
+    extract = manifest.get("config", {}).get("extract", {})
+    pairs = ({"order": extract.get("pair_order", "docstring_first"),
+              "normalize_whitespace": bool(extract.get("normalize_whitespace", False))}
+             if "modality" in manifest.get("columns", []) else None)
+    return {"tokenizer": manifest["tokenizer"], "pairs": pairs, "objective": objective}
+
+
 def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -> None:
     """``RUN_DIR/status.json``: running, stopped (by a signal, with a checkpoint: resume it) or completed. Batch
     scripts read it to decide whether to requeue."""
@@ -160,7 +182,8 @@ def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -
                                     "checkpoints": str(cfg.checkpoint_dir)}) + "\n")
 
 
-def train_step(engine: Any, pc: ParallelContext, micros: list[Any], nan: bool = False) -> tuple[torch.Tensor, bool]:
+def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs],
+               nan: bool = False) -> tuple[torch.Tensor, bool]:
     """One optimizer step over this rank's micro-batches; returns (mean loss over the global batch, skipped)."""
     accumulation = len(micros)
     # every token of the global batch weighs the same, however it is split into micro-batches and ranks
@@ -169,7 +192,7 @@ def train_step(engine: Any, pc: ParallelContext, micros: list[Any], nan: bool = 
         dist.all_reduce(total, group=pc.dp_group)
     summed = torch.zeros(1)
     for inp in micros:
-        logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
+        logits, _ = engine(inp.tokens, inp.position_ids, inp.mask, text=inp.text)
         token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()
         if nan:
             token_sum = token_sum * float("nan")
@@ -184,7 +207,8 @@ def train_step(engine: Any, pc: ParallelContext, micros: list[Any], nan: bool = 
     return mean, skipped
 
 
-def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device) -> float:
+def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device,
+                    objective: Objective) -> float:
     """Mean loss over the same held-out batches every time."""
     vcfg = SamplerConfig(sources=[SourceConfig(path=cfg.validation.path)], seed=0,
                          global_batch_size=cfg.data.global_batch_size, verify_checksums=False)
@@ -193,8 +217,8 @@ def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: 
     total = torch.zeros(2)
     with torch.no_grad():
         for _ in range(cfg.validation.batches):
-            inp = prepare_batch(sampler.next_batch(), device)
-            logits, _ = engine(inp.tokens, inp.position_ids, inp.mask)
+            inp = prepare_batch(sampler.next_batch(), device, objective)
+            logits, _ = engine(inp.tokens, inp.position_ids, inp.mask, text=inp.text)
             loss, count = lm_loss(logits, inp, pc)
             total += torch.tensor([float(loss) * float(count), float(count)])
     dist.all_reduce(total, group=pc.dp_group)
@@ -205,6 +229,7 @@ def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: 
 def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's metrics."""
     pc, model, engine, sampler = build(cfg)
+    objective = make_objective(cfg, [(sc.path, s.store.manifest) for s, sc in zip(sampler.sources, cfg.data.sources)])
     device = next(model.parameters()).device
     accumulation = cfg.accumulation(pc.dp_size)
     root = cfg.checkpoint_dir
@@ -231,7 +256,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     bar = tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=pc.rank != 0 or not sys.stderr.isatty())
     for step in range(start + 1, cfg.train_steps + 1):
-        micros = [prepare_batch(m, device) for m in _micro_batches(sampler.next_batch(), accumulation)]
+        micros = [prepare_batch(m, device, objective) for m in _micro_batches(sampler.next_batch(), accumulation)]
         mean, skipped = train_step(engine, pc, micros, nan=step in cfg.faults.inject_nan_steps)
         skipped_total += int(skipped)
         consecutive = consecutive + 1 if skipped else 0
@@ -257,7 +282,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
                      skipped_total, tps, tflops, f", MFU {last['mfu']:.1%}" if peak else "")
             t_log, steps_since_log = time.perf_counter(), 0
         if cfg.validation.path and step % cfg.validation.interval == 0:
-            last["validation_loss"] = validation_loss(cfg, engine, pc, device)
+            last["validation_loss"] = validation_loss(cfg, engine, pc, device, objective)
             log.info("step %d validation loss %.4f", step, last["validation_loss"])
         metrics.write(step, last)
         bar.update(1)
@@ -267,7 +292,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
                      "git_revision": git_revision(), "command": command}
             path = save_training_checkpoint(root, step, engine, model, state, cfg.checkpoint.keep,
-                                            extra={"tokenizer": sampler.sources[0].store.manifest["tokenizer"]})
+                                            extra=checkpoint_extra(sampler.sources[0].store.manifest, objective.name))
             log.info("checkpoint %s", path)
         if stopping:
             log.info("signal %d received: saved at step %d, exiting", stop.received or signal.SIGTERM, step)

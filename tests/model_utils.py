@@ -58,3 +58,48 @@ def synthetic_store(path, windows: int = 64, seq_len: int = 32, vocab: int = 128
                 "languages": {}, "skips": {}, "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out)
+
+
+# ids of the synthetic pair store's markers (a 128-token vocabulary)
+PAIR_IDS = {"pad": 0, "eod": 1, "tag": 2, "descr": 3, "python": 4, "eoc": 5, "mask": 6, "sos": 7}
+
+
+def synthetic_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One text-to-code pair in the docstring-first layout: the code is the docstring's tokens + 60, reversed, so a
+    model can learn code from docstring. Returns (tokens, modality)."""
+    from data_pipeline.packing import MODALITY_CODE, MODALITY_DOCSTRING, MODALITY_MARKUP
+
+    doc = rng.integers(10, 60, size=int(rng.integers(3, 7)))
+    code = doc[::-1] + 60
+    runs = [([PAIR_IDS["tag"], PAIR_IDS["descr"]], MODALITY_MARKUP), (doc, MODALITY_DOCSTRING),
+            ([PAIR_IDS["python"]], MODALITY_MARKUP), ([*code, PAIR_IDS["eoc"], PAIR_IDS["eod"]], MODALITY_CODE)]
+    tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r, _ in runs])
+    modality = np.concatenate([np.full(len(r), m, dtype=np.uint8) for r, m in runs])
+    return tokens, modality
+
+
+def synthetic_pair_store(path, windows: int = 64, seq_len: int = 32, seed: int = 0) -> str:
+    """A store of synthetic pairs with per-token modality (best-fit packing: no pair is cut)."""
+    import json
+    from pathlib import Path
+
+    from data_pipeline.packing import Packer
+    from data_pipeline.store import FORMAT, SCHEMA_VERSION, ShardWriter
+
+    rng = np.random.default_rng(seed)
+    out = Path(path)
+    writer = ShardWriter(out, seq_len + 1, np.dtype(np.uint16), True, windows_per_shard=max(1, windows // 2))
+    packer = Packer(seq_len + 1, 0, 0, writer.add, "best_fit", with_modality=True, open_windows=4)
+    while packer.windows < windows:
+        packer.add(*synthetic_pair(rng))
+    packer.flush()
+    shards = writer.close()
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "seq_len": seq_len, "window": seq_len + 1,
+                "token_dtype": "uint16", "columns": ["tokens", "doc_starts", "num_tokens", "language", "modality"],
+                "tokenizer": {"path": "", "sha256": "synthetic", "vocab_size": 128, "eod_id": 1, "pad_id": 0,
+                              "mask_id": PAIR_IDS["mask"]},
+                "total_windows": sum(s["windows"] for s in shards), "total_documents": 0, "total_tokens": 0,
+                "padding_fraction": 0.0, "languages": {"Python": {"pairs": 1}}, "skips": {}, "shards": shards,
+                "config": {"extract": {"pair_order": "docstring_first", "normalize_whitespace": False}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)

@@ -18,6 +18,7 @@ from data_pipeline.config import BuildConfig
 from data_pipeline.languages import LANGUAGES
 from data_pipeline.store import StoreError, TokenStore
 from data_pipeline.tokenizer import CodeTokenizer
+from data_pipeline.whitespace import restore
 from launch.cli import main
 from launch.config import load_config
 from tests.conftest import shared_path
@@ -117,25 +118,49 @@ def test_corrupt_or_truncated_shard_is_named(store, tmp_path):
         TokenStore(copy)
 
 
+def _pair_runs(store_dir, tok):
+    """Every pair document of a store as its runs of (modality, decoded text)."""
+    s = TokenStore(store_dir)
+    docs = []
+    for i in range(len(s)):
+        w = s[i]
+        cuts = sorted({0, *w.doc_starts.tolist(), w.num_tokens})
+        for a, b in zip(cuts, cuts[1:]):
+            mod, ids = w.modality[a:b], w.tokens[a:b]
+            edges = [0, *(np.flatnonzero(np.diff(mod)) + 1).tolist(), len(mod)]
+            docs.append([(int(mod[x]), tok.decode(ids[x:y])) for x, y in zip(edges, edges[1:])])
+    return docs
+
+
 def test_text_to_code_pairs_carry_modality(corpus, tokenizer_model, tmp_path):
     m = build(corpus[0], tokenizer_model, tmp_path / "pairs", "extract.functions=true", "extract.keep_files=false",
               "pack.mode=best_fit")
     assert m["columns"][-1] == "modality" and m["languages"]["Python"]["pairs"] == 2
     assert {"Java", "JavaScript", "Go", "C++"} <= set(m["languages"])
     tok = CodeTokenizer(tokenizer_model)
-    s = TokenStore(tmp_path / "pairs")
-    texts = []
-    for i in range(len(s)):
-        w = s[i]
-        cuts = sorted({0, *w.doc_starts.tolist(), w.num_tokens})
-        for a, b in zip(cuts, cuts[1:]):
-            mod = w.modality[a:b]
-            switch = int(np.argmin(mod))  # docstring (1) first, then code (0), exactly one change
-            assert np.all(mod[:switch] == 1) and np.all(mod[switch:] == 0)
-            texts.append((tok.decode(w.tokens[a:a + switch]), tok.decode(w.tokens[a + switch:b])))
-    doc, code = next(t for t in texts if "area of a circle" in t[0])
-    assert doc == "# language: Python\n[descr]Return the area of a circle of the given radius.\n[python]"
-    assert code == "def area(radius):\n    return math.pi * radius ** 2\n[eoc]<|endoftext|>"
+    docs = _pair_runs(tmp_path / "pairs", tok)
+    patterns = [[r[0] for r in d] for d in docs]  # markup, docstring, code marker, code; [0]: a long pair's rest
+    assert {tuple(p) for p in patterns} == {(3, 7, 3, 0), (0,)} and patterns.count([3, 7, 3, 0]) >= 8
+    area = next(d for d in docs if len(d) == 4 and "area of a circle" in d[1][1])
+    assert area == [(3, "# language: Python\n[descr]"), (7, "Return the area of a circle of the given radius.\n"),
+                    (3, "[python]"), (0, "def area(radius):\n    return math.pi * radius ** 2\n[eoc]<|endoftext|>")]
+
+
+def test_pairs_in_the_pycodegpt_order_with_whitespace_markers(corpus, tokenizer_model, tmp_path):
+    build(corpus[0], tokenizer_model, tmp_path / "pairs", "extract.functions=true", "extract.keep_files=false",
+          "pack.mode=best_fit", "extract.pair_order=signature_first", "extract.normalize_whitespace=true")
+    tok = CodeTokenizer(tokenizer_model)
+    docs = _pair_runs(tmp_path / "pairs", tok)
+    full = (3, 2, 3, 7, 3, 0)  # the signature is in the prefix
+    patterns = [tuple(r[0] for r in d) for d in docs]  # a pair longer than a window continues in the next one
+    assert all(any(full[i:i + len(p)] == p for i in range(len(full))) for p in patterns), patterns
+    assert patterns.count(full) >= 8
+    area = next(d for d in docs if len(d) == 6 and "area of a circle" in d[3][1])
+    assert area == [(3, "# language: Python\n[sos]"), (2, "def area(radius):[new_line]"), (3, "[descr]"),
+                    (7, "Return the area of a circle of the given radius.\n"), (3, "[python]"),
+                    (0, "[indent]return math.pi * radius ** 2[new_line][eoc]<|endoftext|>")]
+    assert restore(area[1][1] + area[5][1].removesuffix("[eoc]<|endoftext|>")) == (
+        "def area(radius):\n    return math.pi * radius ** 2\n")
 
 
 def test_decontamination_drops_benchmark_leaks(corpus, tokenizer_model, tmp_path):

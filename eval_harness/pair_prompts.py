@@ -1,0 +1,75 @@
+"""Prompts for models trained on text-to-code pairs (modality-relative pre-training): the problem as the pair layout
+the model saw in training (:mod:`data_pipeline.pairs`), with per-token modality, and completions mapped back to code.
+
+HumanEval Python: the docstring of the prompt's last function is the text; the code before its body (imports,
+helpers, the ``def`` line) is the code the model continues, plus, for incremental tasks, the first lines of the
+reference solution. MBPP: the description and the first test are the text; the model writes the whole function.
+Other languages keep the plain prompt. A completion ends at ``[eoc]``; whitespace markers are undone when the
+checkpoint's data used them.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from data_pipeline.languages import get_language
+from data_pipeline.pairs import pair_prompt
+from data_pipeline.whitespace import normalize, restore
+from eval_harness.datasets import Problem
+
+if TYPE_CHECKING:
+    from data_pipeline.tokenizer import CodeTokenizer
+    from eval_harness.tasks import Task
+
+
+@dataclass(frozen=True)
+class PairFormat:
+    """How the checkpoint's pairs were laid out (recorded in its manifest by the trainer)."""
+
+    order: str = "docstring_first"
+    normalize_whitespace: bool = False
+
+
+def python_prompt_parts(prompt: str) -> tuple[str, str]:
+    """(docstring, the code before it) of a prompt ending in a documented function. The description is the
+    function's first string statement (Python/115 puts ``import math`` before it, so it is not a docstring)."""
+    tree = ast.parse(prompt)
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    for stmt in funcs[-1].body if funcs else []:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
+            lines = prompt.splitlines(keepends=True)
+            return inspect.cleandoc(stmt.value.value), "".join(lines[:stmt.lineno - 1])
+    raise ValueError("the prompt does not end with a documented function")
+
+
+def supports_pairs(task: Task) -> bool:
+    return task.language == "python" and task.kind in ("generation", "incremental")
+
+
+def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairFormat) -> tuple[np.ndarray, np.ndarray, str]:
+    """(prompt ids, their modality, the code the prompt already holds) for a Python or MBPP task."""
+    if task.task_id.startswith("MBPP/"):
+        docstring, code = f"{problem.prompt}\n{problem.test.splitlines()[0]}", ""
+    else:
+        docstring, code = python_prompt_parts(problem.prompt)
+    if task.kind == "incremental":
+        code_prefix = "".join(problem.canonical_solution.splitlines(keepends=True)[:task.prefix_lines])
+    else:
+        code_prefix = ""
+    ids, modality = pair_prompt(tok, get_language("Python"), docstring, code, code_prefix, fmt.order,
+                                fmt.normalize_whitespace)
+    return ids, modality, code + code_prefix
+
+
+def pair_completion(generated: str, code_before: str, fmt: PairFormat) -> str:
+    """The code that follows ``code_before``, from the generated text (cut at ``[eoc]``, whitespace restored)."""
+    text = generated.split("[eoc]", 1)[0]
+    if not fmt.normalize_whitespace:
+        return text
+    full = restore(normalize(code_before) + text)
+    return full[len(code_before):]

@@ -1,0 +1,133 @@
+"""``codegeex model neighbours``: nearest neighbours of tokens in the docstring and the code embedding spaces of a
+modality-separated checkpoint, and a t-SNE plot of them (PanGu-Coder's Figure 3).
+
+The docstring space is the separated table (full separation), or the shared table with the separated rows
+replaced (partial); the code space is the shared table, which the output layer uses. Similarity is cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("codegeex.model")
+
+
+def spaces(state: dict[str, Any], model: dict[str, Any]) -> dict[str, np.ndarray]:
+    """{"docstring": (V, C), "code": (V, C)} float64 tables from a TP=1 state."""
+    code = state["word_embeddings.weight"].float().numpy().astype(np.float64)
+    sep = model.get("embedding_separation", "none")
+    if sep == "full":
+        doc = state["docstring_embeddings.table.weight"].float().numpy().astype(np.float64)
+    elif sep == "partial":
+        doc = code.copy()
+        doc[model["separated_token_ids"]] = state["docstring_embeddings.rows"].float().numpy()
+    else:
+        raise ValueError("the checkpoint has no embedding separation (model.embedding_separation is none): docstring "
+                         "and code tokens share one table")
+    return {"docstring": doc, "code": code}
+
+
+def token_id(tok: Any, word: str) -> int:
+    from data_pipeline.tokenizer import META_SPACE
+
+    for piece in (word, META_SPACE + word):
+        i = tok.sp.piece_to_id(piece)
+        if tok.sp.id_to_piece(i) == piece:
+            return int(i)
+    raise ValueError(f"--tokens: {word!r} is not a single token of {tok.path}")
+
+
+def nearest(table: np.ndarray, i: int, k: int) -> list[tuple[int, float]]:
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    sims = unit @ unit[i]
+    sims[i] = -np.inf
+    order = np.argsort(-sims)[:k]
+    return [(int(j), float(sims[j])) for j in order]
+
+
+def tsne(x: np.ndarray, perplexity: float = 10.0, steps: int = 600, seed: int = 0) -> np.ndarray:
+    """Exact t-SNE (van der Maaten & Hinton) of a few hundred points: (N, C) -> (N, 2)."""
+    n = len(x)
+    d = np.square(x[:, None, :] - x[None, :, :]).sum(-1)  # (N, N)
+    p = np.zeros((n, n))
+    target = np.log(min(perplexity, n - 1))
+    for i in range(n):  # binary search of each point's precision for the perplexity
+        lo, hi, beta = 0.0, np.inf, 1.0
+        for _ in range(60):
+            row = np.exp(-(d[i] - d[i][np.arange(n) != i].min()) * beta)
+            row[i] = 0.0
+            row /= row.sum()
+            entropy = -np.sum(row[row > 0] * np.log(row[row > 0]))
+            if entropy > target:
+                lo, beta = beta, beta * 2 if hi == np.inf else (beta + hi) / 2
+            else:
+                hi, beta = beta, (beta + lo) / 2
+        p[i] = row
+    p = np.maximum((p + p.T) / (2 * n), 1e-12)
+    y = np.random.default_rng(seed).normal(scale=1e-4, size=(n, 2))
+    velocity = np.zeros_like(y)
+    for step in range(steps):
+        exaggeration = 4.0 if step < 100 else 1.0
+        diff = y[:, None, :] - y[None, :, :]  # (N, N, 2)
+        q_num = 1.0 / (1.0 + np.square(diff).sum(-1))
+        np.fill_diagonal(q_num, 0.0)
+        q = np.maximum(q_num / q_num.sum(), 1e-12)
+        grad = 4.0 * (((exaggeration * p - q) * q_num)[:, :, None] * diff).sum(1)  # (N, 2)
+        velocity = (0.5 if step < 250 else 0.8) * velocity - 100.0 * grad
+        y += velocity
+    return y - y.mean(0)
+
+
+def plot(points: dict[str, tuple[np.ndarray, list[str], list[int]]], queries: list[str], path: Path) -> None:
+    """One panel per space: every neighbour labelled, coloured by the query it is a neighbour of."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(8 * len(points), 7))
+    colours = plt.get_cmap("tab10")
+    for ax, (space, (xy, labels, groups)) in zip(np.atleast_1d(axes), points.items(), strict=True):
+        for (x, y), label, g in zip(xy, labels, groups, strict=True):
+            ax.scatter(x, y, color=colours(g % 10), s=12)
+            ax.annotate(label, (x, y), fontsize=7, color=colours(g % 10))
+        ax.set_title(f"{space} space: 20 nearest neighbours of {', '.join(queries)}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_neighbours(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizer import CodeTokenizer
+    from eval_harness.generate_cli import model_dir
+    from megatron_code.checkpoint import full_state
+
+    manifest, state = full_state(model_dir(args.checkpoint))
+    tok = CodeTokenizer(args.tokenizer or manifest.get("tokenizer", {}).get("path", ""))
+    tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest["model"]).items()}
+    queries = [w for w in args.tokens.split(",") if w]
+    ids = [token_id(tok, w) for w in queries]
+    points = {}
+    for space, table in tables.items():
+        members, groups = [], []
+        for g, i in enumerate(ids):
+            near = nearest(table, i, args.k)
+            piece = lambda j: tok.sp.id_to_piece(j).replace("\u2581", "_")  # noqa: E731
+            log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece(j)} {s:.2f}" for j, s in near[:10]))
+            for j in [i] + [j for j, _ in near]:
+                members.append(j)
+                groups.append(g)
+        xy = tsne(table[members])
+        points[space] = (xy, [tok.sp.id_to_piece(j).replace("\u2581", "_") for j in members], groups)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(points, queries, out)
+    log.info("t-SNE plot: %s", out)
+    return 0
