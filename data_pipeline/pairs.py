@@ -17,7 +17,7 @@ import numpy as np
 
 from data_pipeline.languages import Language
 from data_pipeline.packing import MODALITY_CODE, MODALITY_DOCSTRING, MODALITY_MARKUP, MODALITY_SIGNATURE
-from data_pipeline.whitespace import normalize
+from data_pipeline.whitespace import normalize_split
 
 if TYPE_CHECKING:
     from data_pipeline.documents import Document
@@ -30,10 +30,7 @@ def split_code(signature: str, body: str, normalize_whitespace: bool) -> tuple[s
     signature's), then cut where the normalised signature ends."""
     if not normalize_whitespace:
         return signature, body
-    sig, code = normalize(signature), normalize(signature + body)
-    if not code.startswith(sig):
-        raise ValueError(f"normalised signature {sig!r} is not a prefix of the normalised code")
-    return sig, code[len(sig):]
+    return normalize_split(signature + body, len(signature))
 
 
 def _layout(tok: CodeTokenizer, language: Language, docstring: str, signature: str, body: str,

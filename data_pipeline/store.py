@@ -11,7 +11,7 @@ Shard schema (``W = seq_len + 1``):
     doc_starts  list<int32>                         offsets where a document starts inside the window
     num_tokens  int32                               real tokens in the window
     language    uint8                               registry id (data_pipeline.languages)
-    modality    fixed_size_list<uint8>[W]           optional: 1 docstring, 0 code
+    modality    fixed_size_list<uint8>[W]           optional: modality flags (packing.TEXT/PREFIX/CORRUPTIBLE)
 
 Files are memory-mapped on read: a sample is a numpy view into the page cache, no copy. Checksums (SHA-256)
 are verified when a store is opened; a truncated or corrupt shard is reported by name.

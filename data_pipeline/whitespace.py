@@ -56,6 +56,23 @@ def normalize(code: str) -> str:
     return NEW_LINE.join(normalize_lines(code))
 
 
+def normalize_split(code: str, at: int) -> tuple[str, str]:
+    """``normalize(code)`` cut in two where ``code[:at]`` ends (the two parts concatenate to the whole encoding).
+    A cut inside a line's indentation goes before that line's markers."""
+    lines = normalize_lines(code)
+    before = code[:at].split("\n")
+    k, partial = len(before) - 1, before[-1]
+    head = "".join(line + NEW_LINE for line in lines[:k])
+    original, encoded = code.split("\n")[k], lines[k]
+    if not original.strip():  # blank lines are kept verbatim
+        cut = len(partial)
+    else:
+        ws = _leading(original)
+        cut = len(encoded) - (len(original) - ws) + (len(partial) - ws) if len(partial) >= ws else 0
+    tail = NEW_LINE.join([encoded[cut:], *lines[k + 1:]])
+    return head + encoded[:cut], tail
+
+
 def restore(text: str) -> str:
     """The code :func:`normalize` encoded (also for a prefix of an encoding, as generation produces)."""
     stack = [""]

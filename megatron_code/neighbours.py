@@ -104,6 +104,11 @@ def plot(points: dict[str, tuple[np.ndarray, list[str], list[int]]], queries: li
     plt.close(fig)
 
 
+def label(piece: str) -> str:
+    """A piece as printable text: the word-boundary mark as ``_``, tabs and newlines escaped."""
+    return piece.replace("\u2581", "_").replace("\t", "\\t").replace("\n", "\\n")
+
+
 def cmd_neighbours(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import CodeTokenizer
     from eval_harness.generate_cli import model_dir
@@ -119,13 +124,13 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
         members, groups = [], []
         for g, i in enumerate(ids):
             near = nearest(table, i, args.k)
-            piece = lambda j: tok.sp.id_to_piece(j).replace("\u2581", "_")  # noqa: E731
+            piece = lambda j: label(tok.sp.id_to_piece(j))  # noqa: E731
             log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece(j)} {s:.2f}" for j, s in near[:10]))
             for j in [i] + [j for j, _ in near]:
                 members.append(j)
                 groups.append(g)
         xy = tsne(table[members])
-        points[space] = (xy, [tok.sp.id_to_piece(j).replace("\u2581", "_") for j in members], groups)
+        points[space] = (xy, [label(tok.sp.id_to_piece(j)) for j in members], groups)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(points, queries, out)

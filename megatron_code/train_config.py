@@ -102,7 +102,7 @@ class TrainConfig:
     micro_batch_size: int = option(1, "samples per forward on one rank")
     train_steps: int = option(100, "optimizer steps")
     seed: int = option(1234, "seed of initialisation and of docstring corruption (the sampler has its own)")
-    init_from: str = option("", "start from these weights (a checkpoint step directory, e.g. stage 1's): optimizer "
+    init_from: str = option("", "start from these weights (a run, checkpoints, step or model directory, e.g. stage 1): optimizer "
                             "and schedule start fresh; embeddings are separated here when the model asks for it")
     objective: ObjectiveConfig = option(ObjectiveConfig, "the training objective")
     activation_checkpointing: Literal["off", "selective", "full"] = option(

@@ -236,3 +236,35 @@ def test_pair_prompts_for_every_humaneval_python_problem():
         assert docstring and "def " in code and p.prompt.startswith(code) and docstring.split()[0] in p.prompt
         encoded = normalize(code + p.canonical_solution)[len(normalize(code)):]
         assert pair_completion(encoded + "[eoc]junk", code, fmt) == p.canonical_solution, p.task_id
+
+
+def test_keyword_rows_and_neighbours_of_a_partially_separated_checkpoint(tokenizer_model, tmp_path, caplog):
+    """PES rows are the tokenizer's pieces for Python keywords and built-ins; `model neighbours` reads both spaces
+    of a checkpoint and draws them (a docstring row set to another token's code row is its nearest neighbour)."""
+    from data_pipeline.tokenizer import CodeTokenizer
+    from launch.cli import main
+    from megatron_code.checkpoint import save_checkpoint
+    from megatron_code.model import CodeGeeXModel
+    from megatron_code.modality import keyword_token_ids
+    from megatron_code.neighbours import token_id
+    from megatron_code.parallel import single_context
+
+    tok = CodeTokenizer(tokenizer_model)
+    ids = keyword_token_ids(tokenizer_model, ["Python"])
+    pieces = {tok.sp.id_to_piece(i).lstrip("\u2581") for i in ids}
+    assert {"def", "return", "len"} <= pieces and not pieces & {"banana", "x"}
+    torch.manual_seed(0)
+    model = CodeGeeXModel(tiny_config(vocab_size=1280, embedding_separation="partial", separated_token_ids=ids),
+                          single_context())
+    d, r = token_id(tok, "def"), token_id(tok, "return")
+    with torch.no_grad():  # in the docstring space only, "def" points where "return" does
+        model.docstring_embeddings.rows[ids.index(d)] = model.docstring_embeddings.rows[ids.index(r)] * 3
+    save_checkpoint(tmp_path / "ckpt", model, extra={"tokenizer": {"path": tokenizer_model}})
+    caplog.set_level("INFO", logger="codegeex.model")
+    assert main(["model", "neighbours", "--checkpoint", str(tmp_path / "ckpt"), "--tokens", "def,len", "--k", "5",
+                 "--output", str(tmp_path / "n.png")]) == 0
+    first = {m.split()[0]: m.split()[2] for m in caplog.messages if m.split()[1:2] == ["def"]}
+    assert first["docstring"] == tok.sp.id_to_piece(r).replace("\u2581", "_") != first["code"]
+    assert (tmp_path / "n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not a single token"):
+        token_id(tok, "definitely_not_a_piece")

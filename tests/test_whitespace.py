@@ -40,3 +40,17 @@ def test_round_trip_on_real_files():
     text = normalize(code)
     cut = text[:len(text) // 2]
     assert code.startswith(restore(cut).rsplit("\n", 1)[0])
+
+
+def test_split_anywhere_concatenates_to_the_whole_encoding():
+    from data_pipeline.whitespace import normalize_split
+
+    code = ("class A:\n    def f(self,\n          x):\n        '''doc'''\n\n        return x\n    \n"
+            "    def g(self)\t{\n\treturn 1\n}\n")
+    for at in range(len(code) + 1):
+        head, tail = normalize_split(code, at)
+        assert head + tail == normalize(code), at
+    # a signature whose last line is only the next line's indentation (C++ extraction gives these)
+    sig, body = "  void f(int a,\n    ", "int b) {\n    return;\n  }\n"
+    head, tail = normalize_split(sig + body, len(sig))
+    assert restore(head + tail) == sig + body and head == "  void f(int a,[new_line][indent]"
