@@ -72,3 +72,39 @@ def test_watch_evaluates_each_checkpoint_once(tmp_path, tokenizer_model):
     assert main(argv) == 0  # restarted: only the new checkpoint
     assert json.loads((run / "eval" / "state.json").read_text())["done"][-1] == "step-00000003"
     assert (run / "eval" / "step-00000001" / "results.jsonl").stat().st_mtime == stamp
+
+
+@pytest.mark.slow
+def test_pair_prompts_for_a_modality_checkpoint_python_incremental_and_mbpp(tmp_path, tokenizer_model):
+    """A checkpoint trained on pairs (recorded in its manifest) is prompted in its pair layout, with its separated
+    docstring table and prefix attention; HumanEval Python incremental and MBPP samples execute."""
+    import torch
+
+    from megatron_code.checkpoint import save_checkpoint
+    from megatron_code.model import CodeGeeXModel
+    from megatron_code.parallel import single_context
+
+    data, mbpp = str(shared_path("humaneval-x")), str(shared_path("mbpp", "mbpp.jsonl"))
+    torch.manual_seed(0)
+    model = CodeGeeXModel(tiny_config(vocab_size=1280, max_position_embeddings=4096, embedding_separation="full"),
+                          single_context())
+    save_checkpoint(tmp_path / "ckpt", model, 5, extra={
+        "tokenizer": {"path": tokenizer_model}, "objective": "prefix-code-clm",
+        "pairs": {"order": "docstring_first", "normalize_whitespace": True}})
+    common = ["eval", "generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "8",
+              "--problems", "2"]
+    assert main([*common, "--data", data, "--languages", "python", "--task", "incremental",
+                 "--output", str(tmp_path / "inc.jsonl")]) == 0
+    assert main([*common, "--task", "mbpp", "--mbpp", mbpp, "--output", str(tmp_path / "mbpp.jsonl")]) == 0
+    assert main([*common, "--data", data, "--languages", "python", "--prompt-format", "plain",
+                 "--output", str(tmp_path / "plain.jsonl")]) == 0
+    inc, mb, plain = (read_samples(tmp_path / f"{n}.jsonl") for n in ("inc", "mbpp", "plain"))
+    assert {r["prompt_format"] for r in inc + mb} == {"pairs"} and {r["prompt_format"] for r in plain} == {"plain"}
+    assert len(inc) > 4 and {r["prefix_lines"] for r in inc} >= {0, 1, 2} and len(mb) == 2
+    assert [r["task_id"] for r in mb] == ["MBPP/11", "MBPP/12"]
+    assert main(["eval", "execute", str(tmp_path / "inc.jsonl"), "--data", data, "--output",
+                 str(tmp_path / "inc-r.jsonl")]) == 0
+    assert main(["eval", "execute", str(tmp_path / "mbpp.jsonl"), "--mbpp", mbpp, "--output",
+                 str(tmp_path / "mbpp-r.jsonl")]) == 0
+    statuses = [r["status"] for r in read_results(tmp_path / "inc-r.jsonl") + read_results(tmp_path / "mbpp-r.jsonl")]
+    assert len(statuses) == len(inc) + 2 and "passed" not in statuses  # random weights solve nothing

@@ -244,8 +244,8 @@ def test_keyword_rows_and_neighbours_of_a_partially_separated_checkpoint(tokeniz
     from data_pipeline.tokenizer import CodeTokenizer
     from launch.cli import main
     from megatron_code.checkpoint import save_checkpoint
-    from megatron_code.model import CodeGeeXModel
     from megatron_code.modality import keyword_token_ids
+    from megatron_code.model import CodeGeeXModel
     from megatron_code.neighbours import token_id
     from megatron_code.parallel import single_context
 
