@@ -170,6 +170,9 @@ def test_objectives_train_corruption_resumes_exactly_and_stage_two_starts_from_s
     for sep in ("none", "full", "partial"):
         runs[f"stage2-{sep}"] = values(store, str(tmp_path / f"stage2-{sep}"), model__embedding_separation=sep,
                                        model__separated_token_ids=SEPARATED if sep == "partial" else [], **stage2)
+    for part, steps in (("a", 2), ("b", 4)):  # a separated stage 2 stopped after 2 steps, resumed (not re-initialised)
+        runs[f"stage2-resumed-{part}"] = values(store, str(tmp_path / "stage2-resumed"), model__embedding_separation=
+                                                "full", **{**stage2, "train_steps": steps, "checkpoint__interval": 2})
     got = dict(zip(runs, run_ranks(run_configs, 2, list(runs.values()))[0]))
     losses = {name: [r["loss"] for r in m] for name, m in got.items()}
     for name in ("text-code-clm", "code-clm", "prefix-code-clm", "corrupt-code-clm"):
@@ -184,6 +187,7 @@ def test_objectives_train_corruption_resumes_exactly_and_stage_two_starts_from_s
     none, full, partial = (losses[f"stage2-{s}"] for s in ("none", "full", "partial"))
     np.testing.assert_allclose([full[0], partial[0]], [none[0], none[0]], rtol=1e-6)
     assert full[1:] != none[1:] and partial[1:] != none[1:]
+    assert [r["step"] for r in got["stage2-resumed-b"]] == [1, 2, 3, 4] and losses["stage2-resumed-b"] == full
     from megatron_code.checkpoint import read_manifest
 
     manifest = read_manifest(tmp_path / "stage2-partial" / "checkpoints" / "step-00000004" / "model")
