@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QS ?= runs/quickstart
+HUMANEVAL_X ?= ../shared/humaneval-x
 PIP := $(BIN)/python -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed's JIT-compiled ops (fused Adam, shared-memory comm) live with the environment that built them, and are
@@ -57,9 +58,13 @@ test: lint system
 	$(BIN)/python -m pytest -q
 
 # The main job on the embedded default corpus (source already on this machine): a code tokenizer, a packed,
-# deduplicated token store, a look inside it, then the tiny CodeGeeX-shaped model trained with TP=2 on 2 CPU
-# ranks for 300 steps. Re-running reuses what is already built (the training resumes from its last checkpoint).
-quickstart: $(STAMP)
+# deduplicated token store, a look inside it, the tiny CodeGeeX-shaped model trained with TP=2 on 2 CPU ranks for 300
+# steps, then its checkpoint reloaded to generate HumanEval-X samples in five languages, executed in the sandbox and
+# scored into a report. Re-running reuses what is already built (training resumes, generation and execution add only
+# what is missing).
+QS_PROBLEMS ?= 20
+QS_N ?= 2
+quickstart: $(STAMP) system
 	$(BIN)/codegeex data tokenizer --input default --output $(QS)/tokenizer --vocab-size 8000 \
 	    --skip-existing max_input_mb_per_language=8
 	$(BIN)/codegeex data build --input default --tokenizer $(QS)/tokenizer.model --output $(QS)/store \
@@ -67,8 +72,16 @@ quickstart: $(STAMP)
 	$(BIN)/codegeex data inspect $(QS)/store --samples 2
 	$(BIN)/codegeex launch local --nproc 2 configs/train/tiny.yaml run_dir=$(QS)/train \
 	    data.sources='[{path: $(QS)/store}]'
-	@echo "quickstart: tokenizer $(QS)/tokenizer.model, token store $(QS)/store, training run $(QS)/train" \
-	    "(metrics.jsonl, tensorboard/, checkpoints/latest)"
+	@if [ ! -d "$(HUMANEVAL_X)" ]; then echo "quickstart: $(HUMANEVAL_X) not found: evaluation skipped" \
+	    "(HUMANEVAL_X=DIR)"; exit 0; fi; set -e; \
+	$(BIN)/codegeex eval generate --checkpoint $(QS)/train --data $(HUMANEVAL_X) --languages all \
+	    --problems $(QS_PROBLEMS) --n $(QS_N) --temperature 0.8 --max-new-tokens 128 --batch-size 40 \
+	    --output $(QS)/eval/samples.jsonl; \
+	$(BIN)/codegeex eval execute $(QS)/eval/samples.jsonl --data $(HUMANEVAL_X) --output $(QS)/eval/results.jsonl; \
+	$(BIN)/codegeex eval report $(QS)/eval/results.jsonl --output $(QS)/eval/report
+	@echo "quickstart: tokenizer $(QS)/tokenizer.model | token store $(QS)/store | training run $(QS)/train" \
+	    "(metrics.jsonl, tensorboard/, checkpoints/latest) | samples and results $(QS)/eval | report" \
+	    "$(QS)/eval/report/report.md and report.html"
 
 clean-quickstart:
 	rm -rf $(QS)
@@ -77,7 +90,6 @@ clean-quickstart:
 # corpus (whitespace markers on), stage 1 modality-agnostic (text-code-clm), stage 2 from it with separated
 # embeddings (SEPARATION) and OBJECTIVE, then both scored on HumanEval-X Python with incremental pass@k (greedy).
 MR ?= runs/modality
-HUMANEVAL_X ?= ../shared/humaneval-x
 SEPARATION ?= full
 OBJECTIVE ?= corrupt-code-clm
 modality: $(STAMP)

@@ -14,15 +14,12 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline.config import BuildConfig
 from data_pipeline.decontam import ContaminationIndex
@@ -36,15 +33,11 @@ from data_pipeline.spool import merge_spools, spool_done, write_spool
 from data_pipeline.store import write_json_atomic
 from data_pipeline.tokenizer import EOD, CodeTokenizer
 from launch.config import to_dict
+from launch.logs import progress
 
 log = logging.getLogger(__name__)
 WORK = ".work"
 
-
-def progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """A progress bar on interactive terminals (or with CODEGEEX_PROGRESS=1), silent otherwise."""
-    enabled = sys.stderr.isatty() or os.environ.get("CODEGEEX_PROGRESS") == "1"
-    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 
 def spool_identity(cfg: BuildConfig, tokenizer: CodeTokenizer) -> str:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.logs import progress
+
 log = logging.getLogger("codegeex.eval")
 
 
@@ -74,8 +76,6 @@ def load_problems(data: str, mbpp: str, languages: set[str]) -> dict[str, Any]:
 def execute_file(samples_path: str, data: str, mbpp: str, output: str, workers: int = 0,
                  limits: Any = None) -> dict[str, Any]:
     """Execute what is missing from ``output``; returns the run's counts."""
-    from tqdm import tqdm
-
     from eval_harness.executor import default_workers, ensure_tools, execute_jobs, make_jobs
     from eval_harness.samples import ResultWriter, iter_pending, read_results, read_samples, result_id
     from eval_harness.sandbox import Limits
@@ -88,7 +88,7 @@ def execute_file(samples_path: str, data: str, mbpp: str, output: str, workers: 
     problems = load_problems(data, mbpp, kinds)
     jobs = make_jobs(pending, problems)
     writer = ResultWriter(output)
-    bar = tqdm(total=len(samples), initial=len(done), unit="sample", disable=not sys.stderr.isatty())
+    bar = progress(total=len(samples), initial=len(done), desc="execute", unit="sample")
 
     def on_result(row: dict[str, Any]) -> None:
         writer.write(row)

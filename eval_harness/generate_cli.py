@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from launch.logs import progress
+
 log = logging.getLogger("codegeex.eval")
 
 
@@ -58,8 +60,10 @@ def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
 
 
 def model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    return path / "model" if (path / "model" / "manifest.json").is_file() else path
+    """A checkpoint given as a model, step-N, checkpoints or run directory."""
+    from megatron_code.checkpoint import resolve_model_dir
+
+    return resolve_model_dir(path)
 
 
 def make_tasks(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
@@ -159,6 +163,8 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
     step = int(manifest.get("step", -1))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     added = 0
+    bar = progress(total=len(tasks) * args.n, initial=len(tasks) * args.n - len(todo), desc="generate", unit="sample",
+                   disable=pc.rank != 0)
     with open(output, "a") as fh:
         for start in range(0, len(todo), args.batch_size):
             batch = [t for t, _ in todo[start:start + args.batch_size]]
@@ -181,6 +187,8 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
                                      "checkpoint": str(ckpt), "checkpoint_step": step}) + "\n")
                 added += 1
             fh.flush()
+            bar.update(len(batch))
+    bar.close()
     return added
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 
 class RankFilter(logging.Filter):
@@ -44,3 +45,12 @@ def setup_logging(level: str | int = "INFO", rank: int | None = None) -> None:
     for noisy in ("megatron", "torch.distributed", "deepspeed"):  # their INFO chatter is not ours
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A progress bar on interactive terminals (or with CODEGEEX_PROGRESS=1), silent otherwise (logs, CI)."""
+    from tqdm import tqdm
+
+    off = bool(kwargs.pop("disable", False))
+    enabled = (sys.stderr.isatty() or os.environ.get("CODEGEEX_PROGRESS") == "1") and not off
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)

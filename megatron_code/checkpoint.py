@@ -69,6 +69,21 @@ def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0,
         os.replace(tmp, path / MANIFEST)
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory of a model directory, a training step directory (``step-N/model``), a checkpoint root or
+    a run directory (the last two through their ``latest`` pointer)."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        pointer = root / "latest"
+        if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
+            p = root / pointer.read_text().strip()
+            break
+    for candidate in (p, p / "model"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no checkpoint there (a model, step-N, checkpoints or run directory)")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     f = Path(path) / MANIFEST
     if not f.is_file():

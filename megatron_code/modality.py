@@ -139,31 +139,16 @@ def check_compatible(source: ModelConfig, target: ModelConfig, path: str | Path)
         raise ConfigError(f"init_from {path}: the model differs: {'; '.join(diff)}")
 
 
-def resolve_weights(path: str | Path) -> Path:
-    """A model directory from a model directory, a training step directory, a checkpoint root or a run directory
-    (the last two through their ``latest`` pointer)."""
-    from megatron_code.train_checkpoint import find_latest
-
-    p = Path(path)
-    for root in (p, p / "checkpoints"):
-        latest = find_latest(root)
-        if latest is not None:
-            p = latest
-            break
-    for candidate in (p, p / "model"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    raise ConfigError(f"init_from {path}: no checkpoint there (a model dir, a step-N dir, a checkpoints dir or a run "
-                      "dir with checkpoints/latest)")
-
-
 @torch.no_grad()
 def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model`` (any TP size), separating the embeddings if the checkpoint has
     none and the model has some; returns the checkpoint's manifest."""
-    from megatron_code.checkpoint import load_parameters, load_shard, model_config, read_manifest
+    from megatron_code.checkpoint import load_parameters, load_shard, model_config, read_manifest, resolve_model_dir
 
-    path = resolve_weights(path)
+    try:
+        path = resolve_model_dir(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"init_from: {exc}") from None
     manifest = read_manifest(path)
     source = model_config(manifest)
     check_compatible(source, model.cfg, path)

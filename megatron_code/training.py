@@ -22,10 +22,10 @@ import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
 from launch.config import to_dict
+from launch.logs import progress
 from launch.runs import git_revision
 from megatron_code.deepspeed_glue import (
     MPUAdapter,
@@ -253,8 +253,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     consecutive, stopped_at = 0, cfg.train_steps
     last: dict[str, Any] = {}
     t_log, steps_since_log = time.perf_counter(), 0
-    bar = tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=pc.rank != 0 or not sys.stderr.isatty())
+    bar = progress(total=cfg.train_steps, initial=start, desc="train", unit="step", disable=pc.rank != 0)
     for step in range(start + 1, cfg.train_steps + 1):
         micros = [prepare_batch(m, device, objective) for m in _micro_batches(sampler.next_batch(), accumulation)]
         mean, skipped = train_step(engine, pc, micros, nan=step in cfg.faults.inject_nan_steps)

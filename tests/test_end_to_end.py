@@ -1,0 +1,106 @@
+"""The whole path on a small slice, as `make quickstart` walks it: source files on this machine -> token store ->
+sampler -> TP=2 training (2 gloo ranks) -> checkpoint (resumed exactly; converted to CodeGeeX's layout and back) ->
+HumanEval-X generation in five languages -> sandboxed execution -> pass@k and the report. Each hand-off is checked on
+what the previous stage really wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval_harness.execution import STATUSES
+from eval_harness.samples import read_results, read_samples
+from launch.cli import main
+from tests.conftest import shared_path
+
+LANGS = ["python", "cpp", "java", "js", "go"]
+
+
+def check_store(store: Path) -> None:
+    from data_pipeline.store import TokenStore
+
+    m = json.loads((store / "manifest.json").read_text())
+    assert m["total_windows"] == sum(s["windows"] for s in m["shards"]) == len(TokenStore(store)) > 50
+    assert m["total_tokens"] == sum(lang["tokens"] for lang in m["languages"].values())
+    assert m["total_documents"] == sum(lang["documents"] for lang in m["languages"].values())
+    assert {"Python", "C"} <= set(m["languages"])
+
+
+def train_and_resume(store: Path, tmp: Path) -> Path:
+    """16 steps straight, and 8 + 8 resumed, at TP=2: the same losses bit for bit, falling; returns the last step."""
+    from tests.dist import run_ranks
+    from tests.test_training import run_configs
+    from tests.train_utils import values
+
+    base = dict(tp=2, train_steps=16, optim__decay_steps=16, checkpoint__interval=8, model__vocab_size=1280,
+                model__max_position_embeddings=512)
+    straight = values(str(store), str(tmp / "train"), **base)
+    first = values(str(store), str(tmp / "resumed"), **{**base, "train_steps": 8})
+    second = values(str(store), str(tmp / "resumed"), **base)
+    ms, _, mr = run_ranks(run_configs, 2, [straight, first, second])[0]
+    losses = [r["loss"] for r in ms]
+    assert [r["step"] for r in mr] == list(range(1, 17)) and [r["loss"] for r in mr] == losses
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3, losses
+    return tmp / "train" / "checkpoints" / "step-00000016" / "model"
+
+
+def check_conversion(ckpt: Path, store: Path, tmp: Path) -> None:
+    """The checkpoint in CodeGeeX's .pt layout and back gives the same logits on a batch of the store."""
+    from data_pipeline.sampler import DataSampler, SamplerConfig, SourceConfig
+    from megatron_code.checkpoint import load_model
+    from megatron_code.objectives import prepare_batch
+    from megatron_code.parallel import single_context
+
+    assert main(["model", "convert", str(ckpt), "--to", "codegeex", "--output", str(tmp / "codegeex.pt")]) == 0
+    assert main(["model", "convert", str(tmp / "codegeex.pt"), "--to", "native", "--output", str(tmp / "back"),
+                 "--head-dim", "8"]) == 0  # hidden 32, 4 heads (the .pt layout does not record heads)
+    pc = single_context()
+    batch = DataSampler(SamplerConfig(sources=[SourceConfig(path=str(store))], global_batch_size=2, seed=0)).next_batch()
+    inp = prepare_batch(batch)
+    with torch.no_grad():
+        want = load_model(ckpt, pc)(inp.tokens, inp.position_ids, inp.mask)[0]
+        got = load_model(tmp / "back", pc)(inp.tokens, inp.position_ids, inp.mask)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_source_files_to_report_on_a_small_slice(tmp_path, tokenizer_model):
+    data = str(shared_path("humaneval-x"))
+    store = tmp_path / "store"
+    assert main(["data", "build", "--input", "default", "--tokenizer", tokenizer_model, "--output", str(store),
+                 "--seq-len", "64", "--workers", "2", "max_input_mb_per_language=0.25"]) == 0
+    check_store(store)
+    ckpt = train_and_resume(store, tmp_path)
+    check_conversion(ckpt, store, tmp_path)
+    samples, results = tmp_path / "samples.jsonl", tmp_path / "results.jsonl"
+    assert main(["eval", "generate", "--checkpoint", str(tmp_path / "train"), "--data", data, "--languages", "all",
+                 "--problems", "2", "--n", "2", "--max-new-tokens", "24", "--output", str(samples)]) == 0
+    generated = read_samples(samples)
+    assert len(generated) == 20 and {r["language"] for r in generated} == set(LANGS)
+    assert {r["checkpoint_step"] for r in generated} == {16}
+    # beside the model's samples, the reference solution of each problem: a known pass among the model's failures
+    assert main(["eval", "canonical", "--data", data, "--output", str(tmp_path / "canonical.jsonl")]) == 0
+    keep = {r["task_id"] for r in generated}
+    with open(samples, "a") as fh:
+        for r in read_samples(tmp_path / "canonical.jsonl"):
+            if r["task_id"] in keep:
+                fh.write(json.dumps({k: v for k, v in r.items() if k != "sample_index"}) + "\n")
+    assert main(["eval", "execute", str(samples), "--data", data, "--output", str(results)]) == 0
+    rows = read_results(results)
+    assert len(rows) == 30 and all(r["status"] in STATUSES for r in rows)
+    from eval_harness.scoring import score
+
+    scores = score(rows, ks=[1, 2])
+    for lang in LANGS:  # pass@1 = mean over problems of passed / samples, from the statuses themselves
+        mine = [r for r in rows if r["language"] == lang]
+        by_task = {t: [r["status"] == "passed" for r in mine if r["task_id"] == t] for t in {r["task_id"] for r in mine}}
+        expected = float(np.mean([sum(v) / len(v) for v in by_task.values()]))
+        assert scores["generation"][lang]["pass@k"][1] == pytest.approx(expected) and expected >= 1 / 3
+    assert main(["eval", "report", str(results), "--output", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<svg" in html and "pass@1" in (tmp_path / "report" / "report.md").read_text()
