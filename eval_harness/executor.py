@@ -84,20 +84,19 @@ def _javac_batch(programs: list[tuple[str, Job]], root: Path, limits: Limits) ->
     failures: dict[str, RunResult] = {}
     pending = [pkg for pkg, _ in programs]
     base = compile_limits(limits)
-    for _ in range(3):
-        if not pending:
-            break
+    while pending:  # every round drops the files javac names, so this ends
         scaled = dataclasses.replace(base, timeout_s=base.timeout_s * max(1.0, len(pending) / 20))  # a batch is longer
-        cmd = ["javac", *(f"-J{o}" for o in JVM[:1] + JVM[2:]), "-nowarn", "-encoding", "UTF-8", "-d", "classes",
-               *(f"src/{pkg}/Main.java" for pkg in pending)]
+        # every diagnostic to a file: the run's captured output is capped, and javac stops at 100 errors by default
+        cmd = ["javac", *(f"-J{o}" for o in JVM[:1] + JVM[2:]), "-nowarn", "-Xmaxerrs", "100000", "-Xstdout",
+               "javac.log", "-encoding", "UTF-8", "-d", "classes", *(f"src/{pkg}/Main.java" for pkg in pending)]
         out = run_sandboxed(cmd, root, scaled)
         if out.returncode == 0 and not out.timed_out:
             return failures
-        named = set(re.findall(r"src/(cg\d+)/Main\.java:\d+: error", out.stdout + out.stderr))
-        if not named or out.timed_out:  # nothing to blame: every file alone
-            for pkg in pending:
-                failures[pkg] = out
-            return failures
+        diagnostics = (root / "javac.log").read_text(errors="replace") if (root / "javac.log").exists() else ""
+        out = dataclasses.replace(out, stderr=out.stderr + diagnostics)
+        named = set(re.findall(r"src/(cg\d+)/Main\.java:\d+: error", out.stdout + out.stderr)) & set(pending)
+        if not named or out.timed_out:  # nothing to blame: every file left fails with this output
+            named = set(pending)
         for pkg in named:
             failures[pkg] = out
         pending = [p for p in pending if p not in named]

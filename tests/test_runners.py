@@ -156,3 +156,25 @@ def test_go_batch_matches_single_programs_and_keeps_out_code_that_runs_before_ma
     assert batched == {**dict.fromkeys(["Go/1", "Go/2", "Go/3"], "passed"), **expected}, batched
     alone = {name: execute(go[0], c or go[0].canonical_solution)["status"] for name, c in GO_BATCH.items()}
     assert alone == expected, alone
+
+
+@pytest.mark.slow
+def test_java_batch_blames_every_broken_file_however_many_errors():
+    """A batch where most samples are garbage (hundreds of javac errors, far past javac's default 100 and the
+    captured output): each broken sample is a compile_error, never a missing class at run time, and the good ones
+    beside them pass."""
+    from eval_harness.executor import execute_jobs, make_jobs
+
+    java = load_humaneval_x(shared_path("humaneval-x"), ["java"])["java"][:3]
+    problems = {p.task_id: p for p in java}
+    garbage = " the    ,is(d} an @ None, *\n#_def (!\n is theward the build theKE is  * None the be make\n *From( .2}\n"
+    samples = [{"task_id": p.task_id, "completion": p.canonical_solution, "kind": "generation", "key": f"ok{i}"}
+               for i, p in enumerate(java)]
+    samples += [{"task_id": java[i % 3].task_id, "completion": garbage * (1 + i % 4) + f"// {i}\n", "kind": "generation",
+                 "key": f"bad{i}"} for i in range(30)]
+    rows: list[dict] = []
+    execute_jobs(make_jobs(samples, problems), Limits(), 2, rows.append)
+    status = {r["key"]: r["status"] for r in rows}
+    assert [status[f"ok{i}"] for i in range(3)] == ["passed"] * 3
+    assert {status[f"bad{i}"] for i in range(30)} == {"compile_error"}, status
+    assert all("src/cg" in r["output"] and "error" in r["output"] for r in rows if r["key"].startswith("bad"))
