@@ -14,6 +14,7 @@ from data_pipeline.extract import ExtractConfig
 from data_pipeline.filters import SyntaxChecker
 from data_pipeline.sources import enumerate_units
 from data_pipeline.tokenizer import train_tokenizer
+from launch.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,17 @@ def training_texts(cfg: TokenizerConfig, counts: Counter[str]) -> Iterator[str]:
     budget = int(cfg.max_train_mb * 2**20)
     checker = SyntaxChecker(cfg.filters.max_parse_error_fraction)
     unit_skips: Counter[str] = Counter()
-    for unit in units:
-        for doc in accepted_documents(unit, cfg.fields, cfg.filters, ExtractConfig(), checker, unit_skips):
-            size = len(doc.text.encode("utf-8"))
-            if size > budget:
-                counts.update({f"skip:{k}": v for k, v in unit_skips.items()})
-                return
-            budget -= size
-            counts[doc.language.name] += 1
-            yield doc.text
+    with progress(desc="read files for the tokenizer", unit=" files") as bar:
+        for unit in units:
+            for doc in accepted_documents(unit, cfg.fields, cfg.filters, ExtractConfig(), checker, unit_skips):
+                size = len(doc.text.encode("utf-8"))
+                if size > budget:
+                    counts.update({f"skip:{k}": v for k, v in unit_skips.items()})
+                    return
+                budget -= size
+                counts[doc.language.name] += 1
+                bar.update(1)
+                yield doc.text
     counts.update({f"skip:{k}": v for k, v in unit_skips.items()})
 
 
