@@ -114,8 +114,9 @@ def run_go_batch(jobs: list[Job], limits: Limits, workers: int, done: Callable[[
     """Build the batchable jobs together, run each alone; every other job runs as a single program."""
     from eval_harness.runners import go_cache
 
-    members = [(i, job) for i, job in enumerate(jobs) if batchable(job.program.unit)]
-    alone = [job for job in jobs if not batchable(job.program.unit)]
+    joins = [batchable(job.program.unit) for job in jobs]
+    members = [(i, job) for i, job in enumerate(jobs) if joins[i]]
+    alone = [job for i, job in enumerate(jobs) if not joins[i]]
     with tempfile.TemporaryDirectory(prefix="codegeex-gobuild-", dir=work_root()) as tmp, \
             ThreadPoolExecutor(max(1, workers)) as pool:
         root = Path(tmp)
