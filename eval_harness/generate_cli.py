@@ -37,7 +37,7 @@ def register_watch(sub: Any) -> None:
 
 def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="model checkpoint (or a training step-N directory)")
+        p.add_argument("--checkpoint", required=True, help="a model, step-N, checkpoints or run directory")
     p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the one the checkpoint names)")
     p.add_argument("--data", default="", help="HumanEval-X directory")
     p.add_argument("--mbpp", default="", help="mbpp.jsonl (for --task mbpp; the test split, ids 11-510)")
@@ -102,42 +102,10 @@ def prompt_format(args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[A
     return (fmt if use else None), prefix
 
 
-class Prompter:
-    """Token ids (and modality) of each task's prompt, and its completion from generated tokens."""
-
-    def __init__(self, tok: Any, problems: dict[str, Any], fmt: Any) -> None:
-        self.tok, self.problems, self.fmt = tok, problems, fmt
-
-    def uses_pairs(self, task: Any) -> bool:
-        from eval_harness.pair_prompts import supports_pairs
-
-        return self.fmt is not None and supports_pairs(task)
-
-    def encode(self, task: Any) -> tuple[list[int], list[int], str]:
-        from eval_harness.pair_prompts import pair_task
-
-        if not self.uses_pairs(task):
-            ids = self.tok.encode(task.prompt)
-            return ids, [0] * len(ids), ""
-        ids, modality, code_before = pair_task(self.tok, task, self.problems[task.task_id], self.fmt)
-        return ids.tolist(), modality.tolist(), code_before
-
-    def completion(self, task: Any, new: list[int], code_before: str) -> tuple[str, bool]:
-        """(the completion so far, cut at its end; whether it has ended)."""
-        from eval_harness.pair_prompts import pair_completion
-        from eval_harness.stops import truncate
-
-        text = self.tok.decode(new)
-        if not self.uses_pairs(task):
-            return truncate(task.language, task.prompt, text)
-        ended = "[eoc]" in text
-        cut, stopped = truncate("python", "", pair_completion(text, code_before, self.fmt))  # Python's stop rules
-        return cut, ended or stopped
-
-
 def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: str | Path) -> int:
     """Generate the samples ``output`` lacks; returns how many were added."""
     from data_pipeline.tokenizer import CodeTokenizer
+    from eval_harness.pair_prompts import Prompter
     from eval_harness.samples import read_samples
     from megatron_code.checkpoint import load_model, read_manifest
     from megatron_code.generation import SamplingConfig, generate
@@ -151,7 +119,7 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
     tok = CodeTokenizer(tok_path)
     tasks, problems = make_tasks(args)
     fmt, prefix_lm = prompt_format(args, manifest)
-    prompter = Prompter(tok, problems, fmt)
+    prompter = Prompter(tok, problems, fmt)  # eval_harness.pair_prompts
     have = Counter(s["key"] for s in read_samples(output)) if Path(output).exists() else Counter()
     todo = [(t, j) for t in tasks for j in range(have[t.key], args.n)]
     if not todo:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import ast
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from data_pipeline.languages import get_language
 from data_pipeline.pairs import pair_prompt
 from data_pipeline.whitespace import normalize, restore
 from eval_harness.datasets import Problem
+from eval_harness.stops import truncate
 
 if TYPE_CHECKING:
     from data_pipeline.tokenizer import CodeTokenizer
@@ -71,5 +73,37 @@ def pair_completion(generated: str, code_before: str, fmt: PairFormat) -> str:
     text = generated.split("[eoc]", 1)[0]
     if not fmt.normalize_whitespace:
         return text
-    full = restore(normalize(code_before) + text)
+    full = restore(_normalized(code_before) + text)
     return full[len(code_before):]
+
+
+@lru_cache(maxsize=256)
+def _normalized(code: str) -> str:
+    """The prompt's code encoded once, not at every generated token's stop check."""
+    return normalize(code)
+
+
+class Prompter:
+    """Token ids (and modality) of each task's prompt, and its completion from generated tokens."""
+
+    def __init__(self, tok: Any, problems: dict[str, Any], fmt: Any) -> None:
+        self.tok, self.problems, self.fmt = tok, problems, fmt
+
+    def uses_pairs(self, task: Any) -> bool:
+        return self.fmt is not None and supports_pairs(task)
+
+    def encode(self, task: Any) -> tuple[list[int], list[int], str]:
+        if not self.uses_pairs(task):
+            ids = self.tok.encode(task.prompt)
+            return ids, [0] * len(ids), ""
+        ids, modality, code_before = pair_task(self.tok, task, self.problems[task.task_id], self.fmt)
+        return ids.tolist(), modality.tolist(), code_before
+
+    def completion(self, task: Any, new: list[int], code_before: str) -> tuple[str, bool]:
+        """(the completion so far, cut at its end; whether it has ended)."""
+        text = self.tok.decode(new)
+        if not self.uses_pairs(task):
+            return truncate(task.language, task.prompt, text)
+        ended = "[eoc]" in text
+        cut, stopped = truncate("python", "", pair_completion(text, code_before, self.fmt))  # Python's stop rules
+        return cut, ended or stopped

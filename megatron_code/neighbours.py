@@ -42,8 +42,8 @@ def token_id(tok: Any, word: str) -> int:
     raise ValueError(f"--tokens: {word!r} is not a single token of {tok.path}")
 
 
-def nearest(table: np.ndarray, i: int, k: int) -> list[tuple[int, float]]:
-    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+def nearest(unit: np.ndarray, i: int, k: int) -> list[tuple[int, float]]:
+    """The ``k`` rows most similar to row ``i`` of a row-normalised table (cosine)."""
     sims = unit @ unit[i]
     sims[i] = -np.inf
     order = np.argsort(-sims)[:k]
@@ -121,9 +121,10 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     ids = [token_id(tok, w) for w in queries]
     points = {}
     for space, table in tables.items():
+        unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)  # once per space
         members, groups = [], []
         for g, i in enumerate(ids):
-            near = nearest(table, i, args.k)
+            near = nearest(unit, i, args.k)
             piece = lambda j: label(tok.sp.id_to_piece(j))  # noqa: E731
             log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece(j)} {s:.2f}" for j, s in near[:10]))
             for j in [i] + [j for j, _ in near]:
