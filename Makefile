@@ -51,7 +51,7 @@ $(VENV)/node/node_modules/js-md5: | $(BIN)/python
 	else echo "make: npm missing: the one HumanEval-X JavaScript task that needs js-md5 will fail"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check launch megatron_code data_pipeline eval_harness tests benchmarks
+	$(BIN)/ruff check common launch megatron_code data_pipeline eval_harness tests benchmarks
 	$(BIN)/mypy
 
 test: lint system

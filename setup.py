@@ -1,4 +1,4 @@
-"""Packaging for the CodeGeeX pre-training system: one distribution, four packages, one command."""
+"""Packaging for the CodeGeeX pre-training system: one distribution, five packages (a shared bottom layer and four stages), one command."""
 
 from setuptools import find_packages, setup
 
@@ -7,9 +7,7 @@ setup(
     version="0.1.0",
     description="Megatron-style pre-training, data pipeline and evaluation for CodeGeeX-shaped code models",
     python_requires=">=3.11",
-    packages=find_packages(include=["launch*", "megatron_code*", "data_pipeline*", "eval_harness*"]),
-    include_package_data=True,
-    package_data={"launch": ["templates/*"], "data_pipeline": ["resources/*"]},
+    packages=find_packages(include=["common*", "launch*", "megatron_code*", "data_pipeline*", "eval_harness*"]),
     install_requires=[
         "numpy>=1.26",
         "pyyaml>=6",
@@ -42,7 +40,7 @@ setup(
     extras_require={
         # The trainer's stack; pinned to the releases that run on this project's machines.
         "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8", "safetensors>=0.4", "tensorboard", "psutil"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-tqdm"],
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.1", "types-PyYAML", "types-tqdm"],
     },
     entry_points={"console_scripts": ["codegeex=launch.cli:main"]},
 )

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from common.config import load_config
+from common.contracts import StoreManifest
 from data_pipeline.build import run_build
 from data_pipeline.config import BuildConfig, TokenizerConfig
 from data_pipeline.decontam import ContaminationIndex, DecontamConfig
@@ -45,7 +47,6 @@ from data_pipeline.sources import RecordFields, enumerate_units
 from data_pipeline.store import TokenStore
 from data_pipeline.tokenizer import CodeTokenizer
 from data_pipeline.train_tokenizer import run_tokenizer
-from launch.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -102,7 +103,7 @@ def megatron_build(corpus: Path, model: str, prefix: Path, workers: int) -> tupl
     return time.perf_counter() - start, tokens
 
 
-def our_build(corpus: Path, model: str, out: Path, workers: int, seq_len: int, extra: list[str]) -> tuple[float, dict]:
+def our_build(corpus: Path, model: str, out: Path, workers: int, seq_len: int, extra: list[str]) -> tuple[float, StoreManifest]:
     """Time `codegeex data build` in this process, as the Megatron side is timed."""
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(BuildConfig, overrides=extra, values={"inputs": [str(corpus)], "tokenizer": model,
@@ -183,7 +184,7 @@ def read_throughput(store_dir: Path, prefix: Path, n_reads: int) -> tuple[float,
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
     store = TokenStore(store_dir)
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=DType.optimal_dtype(store.manifest["tokenizer"]["vocab_size"]))
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=DType.optimal_dtype(store.manifest.tokenizer.vocab_size))
     for i in range(len(store)):
         builder.add_document(np.asarray(store[i].tokens), [store.window])
     builder.finalize(str(prefix) + ".idx")
@@ -224,7 +225,7 @@ def timed_side(side: str, corpus: Path, model: str, out: Path, workers: int, seq
             f"import benchmarks.data_build as D; "
             f"r = D.megatron_build(Path({str(corpus)!r}), {model!r}, Path({str(out)!r}), {workers}) if {side!r} == 'megatron' "
             f"else D.our_build(Path({str(corpus)!r}), {model!r}, Path({str(out)!r}), {workers}, {seq_len}, D.NO_FILTERS); "
-            f"print(json.dumps([r[0], r[1] if {side!r} == 'megatron' else r[1]['total_tokens']]))")
+            f"print(json.dumps([r[0], r[1] if {side!r} == 'megatron' else r[1].total_tokens]))")
     res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     seconds, tokens = json.loads(res.stdout.strip().splitlines()[-1])
     return float(seconds), int(tokens)

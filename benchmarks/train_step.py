@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.model_step import RefModel, copy_weights, step_arguments
+from common.config import load_config
 from data_pipeline.sampler import DataSampler, SamplerConfig
-from launch.config import load_config
 from megatron_code.config import load_preset
 from megatron_code.deepspeed_glue import lr_lambda
 from megatron_code.model import CodeGeeXModel

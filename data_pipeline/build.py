@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from common.config import to_dict
+from common.contracts import MANIFEST, StoreManifest, load_store_manifest, write_manifest
+from common.io import write_json_atomic
+from common.logs import progress
 from data_pipeline.config import BuildConfig
 from data_pipeline.decontam import ContaminationIndex
 from data_pipeline.dedup import MinHasher, content_hash
@@ -30,10 +34,7 @@ from data_pipeline.filters import SyntaxChecker
 from data_pipeline.pairs import pair_tokens
 from data_pipeline.sources import Unit, enumerate_units
 from data_pipeline.spool import merge_spools, spool_done, write_spool
-from data_pipeline.store import write_json_atomic
 from data_pipeline.tokenizer import EOD, CodeTokenizer
-from launch.config import to_dict
-from launch.logs import progress
 
 log = logging.getLogger(__name__)
 WORK = ".work"
@@ -176,22 +177,21 @@ def run_phase_a(cfg: BuildConfig, work: Path, units: list[Unit]) -> None:
     bar.close()
 
 
-def up_to_date(cfg: BuildConfig) -> dict[str, Any] | None:
+def up_to_date(cfg: BuildConfig) -> StoreManifest | None:
     """The manifest of a finished store built from the same inputs and settings, else None."""
-    manifest_path = Path(cfg.output) / "manifest.json"
-    if not manifest_path.is_file():
+    if not (Path(cfg.output) / MANIFEST).is_file():
         return None
-    manifest = json.loads(manifest_path.read_text())
+    manifest = load_store_manifest(cfg.output)
     identity = spool_identity(cfg, CodeTokenizer(cfg.tokenizer))
-    same_pack = manifest.get("config", {}).get("pack") == to_dict(cfg)["pack"]
-    return manifest if manifest.get("identity") == identity and same_pack else None
+    same_pack = manifest.config.get("pack") == to_dict(cfg)["pack"]
+    return manifest if manifest.identity == identity and same_pack else None
 
 
-def run_build(cfg: BuildConfig, command: list[str]) -> dict[str, Any] | None:
+def run_build(cfg: BuildConfig, command: list[str]) -> StoreManifest | None:
     """The whole build (or, with several shards, this machine's part of phase A). Returns the manifest."""
     done = up_to_date(cfg)
     if done is not None:
-        log.info("store %s is up to date (%d windows); nothing to do", cfg.output, done["total_windows"])
+        log.info("store %s is up to date (%d windows); nothing to do", cfg.output, done.total_windows)
         return done
     work, units, state = prepare(cfg)
     log.info("%d work unit(s) from %d input(s); enumeration skipped %s", len(units), len(cfg.inputs),
@@ -204,7 +204,7 @@ def run_build(cfg: BuildConfig, command: list[str]) -> dict[str, Any] | None:
     return merge(cfg, command)
 
 
-def merge(cfg: BuildConfig, command: list[str]) -> dict[str, Any]:
+def merge(cfg: BuildConfig, command: list[str]) -> StoreManifest:
     """Phase B: decide duplicates over all spools, pack, write shards and the manifest."""
     out = Path(cfg.output)
     work = out / WORK
@@ -214,19 +214,18 @@ def merge(cfg: BuildConfig, command: list[str]) -> dict[str, Any]:
         raise ValueError(f"{out}: {len(missing)} unit(s) not spooled yet (first: {missing[:5]}); "
                          "run the remaining parts of `codegeex data build` first")
     manifest = merge_spools(cfg, work, state, progress)
-    manifest["identity"] = state["identity"]
-    manifest["command"] = command
-    manifest["config"] = to_dict(cfg)
-    write_json_atomic(out / "manifest.json", manifest)
-    log_summary(manifest)
+    manifest.command = command
+    manifest.config = to_dict(cfg)
+    write_manifest(out, manifest)
+    log_summary(manifest, out)
     if not cfg.keep_work:
         shutil.rmtree(work)
     return manifest
 
 
-def log_summary(m: dict[str, Any]) -> None:
+def log_summary(m: StoreManifest, out: Path) -> None:
     """One line per step with its counts."""
-    skips = m["skips"]
+    skips = m.skips
     read = ("unreadable", "symlink_loop", "duplicate_directory", "not_a_training_language", "over_language_cap",
             "malformed_record")
     filtered = ("empty", "too_large", "binary", "invalid_utf8", "avg_line_too_long", "line_too_long", "parse_error")
@@ -234,8 +233,7 @@ def log_summary(m: dict[str, Any]) -> None:
     log.info("read: skipped %s", fmt(read))
     log.info("filters: skipped %s", fmt(filtered))
     log.info("dedup and decontamination: dropped %s", fmt(("exact_duplicate", "near_duplicate", "contaminated")))
-    log.info("tokenized: %s documents, %s tokens (%s)", f"{m['total_documents']:,}", f"{m['total_tokens']:,}",
-             ", ".join(f"{k} {v['tokens']:,}" for k, v in sorted(m["languages"].items(), key=lambda kv: -kv[1]["tokens"])))
-    log.info("packed: %s windows of %d tokens in %d shard(s), padding %.2f%%; store %s", f"{m['total_windows']:,}",
-             m["window"], len(m["shards"]), 100 * m["padding_fraction"], m["config"]["output"])
-
+    log.info("tokenized: %s documents, %s tokens (%s)", f"{m.total_documents:,}", f"{m.total_tokens:,}",
+             ", ".join(f"{k} {v.tokens:,}" for k, v in sorted(m.languages.items(), key=lambda kv: -kv[1].tokens)))
+    log.info("packed: %s windows of %d tokens in %d shard(s), padding %.2f%%; store %s", f"{m.total_windows:,}",
+             m.window, len(m.shards), 100 * m.padding_fraction, out)

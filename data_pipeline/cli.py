@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import load_config
+from common.config import load_config
 
 log = logging.getLogger("codegeex.data")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.config import option
 from data_pipeline.decontam import DecontamConfig
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.extract import ExtractConfig
 from data_pipeline.filters import FilterConfig
 from data_pipeline.sources import RecordFields
-from launch.config import option
 
 
 @dataclass

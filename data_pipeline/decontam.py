@@ -16,9 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import option
+from common.io import read_jsonl
 from data_pipeline.dedup import hashed_ngrams
-from data_pipeline.sources import read_jsonl
-from launch.config import option
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 

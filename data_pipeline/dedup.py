@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from launch.config import option
+from common.config import option
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MASK32 = np.uint64(0xFFFFFFFF)

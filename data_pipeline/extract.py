@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
+from common.config import option
 from data_pipeline.languages import Language, load_grammar
-from launch.config import option
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from common.config import option
 from data_pipeline.languages import Language, load_grammar
-from launch.config import option
 
 # Reasons, in the order the checks run; the store's manifest reports a count for each.
 SKIP_REASONS = (

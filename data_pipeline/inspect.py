@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from common.contracts import manifest_to_json
 from data_pipeline.languages import LANGUAGES
 from data_pipeline.store import TokenStore
 
@@ -32,20 +33,20 @@ def decode_sample(tokenizer: Any, tokens: np.ndarray, doc_starts: np.ndarray, nu
 def inspect_store(path: str | Path, samples: int = 3, chars: int = 600, tokenizer_path: str | None = None) -> dict[str, Any]:
     store = TokenStore(path)
     m = store.manifest
-    total_tokens = max(1, m["total_tokens"])
-    rows = [[name, f"{s['documents']:,}", f"{s['pairs']:,}", f"{s['tokens']:,}", f"{100 * s['tokens'] / total_tokens:.1f}%",
-             f"{s['windows']:,}"] for name, s in sorted(m["languages"].items(), key=lambda kv: -kv[1]["tokens"])]
-    lines = [f"store {path}: {m['total_windows']:,} windows of {m['window']} tokens, {m['total_documents']:,} documents, "
-             f"{m['total_tokens']:,} tokens, {len(m['shards'])} shard(s), padding {100 * m['padding_fraction']:.2f}%",
-             f"tokenizer {m['tokenizer']['path']} (sha256 {m['tokenizer']['sha256'][:12]}, vocabulary {m['tokenizer']['vocab_size']})",
+    total_tokens = max(1, m.total_tokens)
+    rows = [[name, f"{s.documents:,}", f"{s.pairs:,}", f"{s.tokens:,}", f"{100 * s.tokens / total_tokens:.1f}%",
+             f"{s.windows:,}"] for name, s in sorted(m.languages.items(), key=lambda kv: -kv[1].tokens)]
+    lines = [f"store {path}: {m.total_windows:,} windows of {m.window} tokens, {m.total_documents:,} documents, "
+             f"{m.total_tokens:,} tokens, {len(m.shards)} shard(s), padding {100 * m.padding_fraction:.2f}%",
+             f"tokenizer {m.tokenizer.path} (sha256 {m.tokenizer.sha256[:12]}, vocabulary {m.tokenizer.vocab_size})",
              "", _table(rows, ["language", "documents", "pairs", "tokens", "share", "windows"]), ""]
-    skips = [[reason, f"{n:,}"] for reason, n in m["skips"].items() if n]
+    skips = [[reason, f"{n:,}"] for reason, n in m.skips.items() if n]
     lines += [_table(skips, ["skipped because", "files/documents"]) if skips else "nothing skipped", ""]
     shown = []
     if samples and len(store):
         from data_pipeline.tokenizer import CodeTokenizer
 
-        tok = CodeTokenizer(tokenizer_path or m["tokenizer"]["path"])
+        tok = CodeTokenizer(tokenizer_path or m.tokenizer.path)
         order = np.random.default_rng(0).permutation(len(store))[:1000].tolist()
         starts_inside = [i for i in order if len(store[i].doc_starts) > 0]  # show boundaries where there are some
         picked = (starts_inside + [i for i in order if i not in set(starts_inside)])[:samples]
@@ -56,6 +57,8 @@ def inspect_store(path: str | Path, samples: int = 3, chars: int = 600, tokenize
                           "num_tokens": s.num_tokens, "text": text})
             lines += [f"--- window {i} ({LANGUAGES[s.language].name}, {s.num_tokens} tokens, documents start at "
                       f"{s.doc_starts.tolist()}; {BOUNDARY.strip()} marks a start) ---", text, ""]
-    data = {k: m[k] for k in ("total_windows", "total_documents", "total_tokens", "padding_fraction", "languages", "skips")}
+    plain = manifest_to_json(m)
+    data = {k: plain[k] for k in ("total_windows", "total_documents", "total_tokens", "padding_fraction", "languages",
+                                  "skips")}
     data["samples"] = shown
     return {"text": "\n".join(lines), "data": data}

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from common.config import option
 from data_pipeline.languages import get_language
 from data_pipeline.packing import document_ids, position_ids
 from data_pipeline.store import StoreError, TokenStore
-from launch.config import option
 
 
 @dataclass

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import option
 from data_pipeline.languages import Language, get_language, language_for_path
-from launch.config import option
 
 
 @dataclass
@@ -315,19 +315,3 @@ def read_unit(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | str]:
                 yield _record_doc(rec, f"{unit.path}#rg{g}:{i}", fields)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
-
-
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a ``.jsonl`` or ``.jsonl.gz`` file; a malformed line raises naming the file and line."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as raw:
-        for lineno, line in enumerate(raw, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON record ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield rec

@@ -17,13 +17,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from common.config import from_mapping
+from common.contracts import LanguageCounts, PairLayout, StoreManifest, TokenizerRecord
+from common.io import write_json_atomic
 from data_pipeline.config import BuildConfig
 from data_pipeline.dedup import exact_duplicates, near_duplicates
 from data_pipeline.documents import Document
 from data_pipeline.filters import SKIP_REASONS
 from data_pipeline.languages import LANGUAGES
 from data_pipeline.packing import Packer
-from data_pipeline.store import FORMAT, SCHEMA_VERSION, ShardWriter, write_json_atomic
+from data_pipeline.store import ShardWriter
 
 
 def _paths(work: Path, index: int) -> tuple[Path, Path]:
@@ -118,7 +121,7 @@ def _duplicates(cfg: BuildConfig, work: Path, rows: np.ndarray, hashes: np.ndarr
     return exact, near & ~exact
 
 
-def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: Callable[..., Any]) -> dict[str, Any]:
+def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: Callable[..., Any]) -> StoreManifest:
     """Phase B over every spool, in unit order; returns the manifest (without command and config)."""
     skips: Counter[str] = Counter(state["enumeration_skips"])
     for i in range(state["units"]):
@@ -170,24 +173,19 @@ def merge_spools(cfg: BuildConfig, work: Path, state: dict[str, Any], progress: 
     shards = writer.close()
     total_windows = sum(p.windows for p in packers)
     padding = sum(p.padding for p in packers)
-    languages = {
-        LANGUAGES[p.language].name: {"documents": docs[LANGUAGES[p.language].name],
-                                     "pairs": pairs[LANGUAGES[p.language].name],
-                                     "tokens": ntok[LANGUAGES[p.language].name],
-                                     "bytes": nbytes[LANGUAGES[p.language].name], "windows": p.windows}
-        for p in packers if p.windows
-    }
+    languages = {LANGUAGES[p.language].name: LanguageCounts(
+        documents=docs[LANGUAGES[p.language].name], pairs=pairs[LANGUAGES[p.language].name],
+        tokens=ntok[LANGUAGES[p.language].name], bytes=nbytes[LANGUAGES[p.language].name], windows=p.windows)
+        for p in packers if p.windows}
     columns = ["tokens", "doc_starts", "num_tokens", "language"] + (["modality"] if with_modality else [])
-    return {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "seq_len": cfg.pack.seq_len, "window": window,
-        "token_dtype": token_dtype.name, "columns": columns, "pack_mode": cfg.pack.mode,
-        "tokenizer": tok, "total_windows": total_windows, "total_documents": int(keep.sum()),
-        "total_tokens": int(sum(ntok.values())),
-        "padding_fraction": padding / max(1, total_windows * window),
-        "languages": languages,
-        "skips": {r: int(skips.get(r, 0)) for r in SKIP_REASONS},
-        "dedup": {"exact": cfg.dedup.exact, "near": cfg.dedup.near, "num_perm": cfg.dedup.num_perm,
-                  "ngram": cfg.dedup.ngram, "bands": cfg.dedup.bands, "threshold": cfg.dedup.threshold},
-        "contaminated_examples": examples,
-        "shards": shards,
-    }
+    return StoreManifest(
+        seq_len=cfg.pack.seq_len, window=window, token_dtype=token_dtype.name, columns=columns,
+        pack_mode=cfg.pack.mode, tokenizer=from_mapping(TokenizerRecord, tok),
+        pairs=PairLayout(order=cfg.extract.pair_order, normalize_whitespace=cfg.extract.normalize_whitespace)
+        if with_modality else None,
+        total_windows=total_windows, total_documents=int(keep.sum()), total_tokens=int(sum(ntok.values())),
+        padding_fraction=padding / max(1, total_windows * window), languages=languages,
+        skips={r: int(skips.get(r, 0)) for r in SKIP_REASONS},
+        dedup={"exact": cfg.dedup.exact, "near": cfg.dedup.near, "num_perm": cfg.dedup.num_perm,
+               "ngram": cfg.dedup.ngram, "bands": cfg.dedup.bands, "threshold": cfg.dedup.threshold},
+        contaminated_examples=examples, shards=shards, identity=state["identity"])

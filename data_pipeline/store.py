@@ -21,24 +21,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from common.contracts import MANIFEST, ShardEntry, StoreError, load_store_manifest
 from data_pipeline.packing import Window
-
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-FORMAT = "codegeex-token-store"
-
-
-class StoreError(ValueError):
-    """A store is missing, incomplete, corrupt or of another format; the message names the file."""
 
 
 def shard_schema(window: int, token_dtype: np.dtype, with_modality: bool) -> pa.Schema:
@@ -61,12 +52,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Writes windows into shards of ``windows_per_shard``; each shard appears complete or not at all."""
 
@@ -77,7 +62,7 @@ class ShardWriter:
         self.window, self.token_dtype, self.with_modality = window, np.dtype(token_dtype), with_modality
         self.schema = shard_schema(window, self.token_dtype, with_modality)
         self.windows_per_shard, self.batch_windows = windows_per_shard, batch_windows
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[ShardEntry] = []
         self._batch: list[Window] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._in_shard = 0
@@ -115,15 +100,15 @@ class ShardWriter:
         self._writer.close()
         final = self._tmp.with_name(self._tmp.name[: -len(".tmp")])
         os.replace(self._tmp, final)
-        self.shards.append({"file": f"shards/{final.name}", "windows": self._in_shard,
-                            "bytes": final.stat().st_size, "sha256": file_sha256(final)})
+        self.shards.append(ShardEntry(file=f"shards/{final.name}", windows=self._in_shard,
+                                      bytes=final.stat().st_size, sha256=file_sha256(final)))
         self._writer, self._in_shard = None, 0
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[ShardEntry]:
         self._write_batch()
         if self._writer is not None:
             self._close_shard()
-        keep = {Path(s["file"]).name for s in self.shards}
+        keep = {Path(s.file).name for s in self.shards}
         for stale in self.dir.glob("shard-*.arrow*"):  # left by an earlier, interrupted run
             if stale.name not in keep:
                 stale.unlink()
@@ -146,18 +131,18 @@ class TokenStore:
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.window = int(self.manifest["window"])
+        self.manifest = load_store_manifest(self.path)
+        self.window = self.manifest.window
         self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._starts: list[int] = []
         total = 0
-        for shard in self.manifest["shards"]:
-            f = self.path / shard["file"]
+        for shard in self.manifest.shards:
+            f = self.path / shard.file
             if not f.is_file():
                 raise StoreError(f"{f}: shard listed in the manifest is missing")
-            if f.stat().st_size != shard["bytes"]:
-                raise StoreError(f"{f}: shard is truncated or changed ({f.stat().st_size} bytes, manifest says {shard['bytes']})")
-            if verify and file_sha256(f) != shard["sha256"]:
+            if f.stat().st_size != shard.bytes:
+                raise StoreError(f"{f}: shard is truncated or changed ({f.stat().st_size} bytes, manifest says {shard.bytes})")
+            if verify and file_sha256(f) != shard.sha256:
                 raise StoreError(f"{f}: checksum mismatch, the shard is corrupt")
             try:
                 reader = pa.ipc.open_file(pa.memory_map(str(f), "r"))
@@ -169,8 +154,8 @@ class TokenStore:
                 total += b.num_rows
                 self._chunks.append(self._views(b))
         self._len = total
-        if total != self.manifest["total_windows"]:
-            raise StoreError(f"{self.path / MANIFEST}: shards hold {total} windows, manifest says {self.manifest['total_windows']}")
+        if total != self.manifest.total_windows:
+            raise StoreError(f"{self.path / MANIFEST}: shards hold {total} windows, manifest says {self.manifest.total_windows}")
         self.languages = np.concatenate([c[4] for c in self._chunks]) if self._chunks else np.zeros(0, np.uint8)
 
     def _views(self, b: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -188,10 +173,6 @@ class TokenStore:
     def __len__(self) -> int:
         return self._len
 
-    @property
-    def has_modality(self) -> bool:
-        return "modality" in self.manifest.get("columns", [])
-
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < self._len:
             raise IndexError(f"window {i} out of range for a store of {self._len}")
@@ -201,17 +182,3 @@ class TokenStore:
         return Sample(tokens[r], values[offsets[r]:offsets[r + 1]], int(num[r]), int(lang[r]),
                       None if mod is None else mod[r])
 
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    f = path / MANIFEST
-    if not f.is_file():
-        raise StoreError(f"{f} does not exist: {path} is not a token store, or its build has not finished")
-    try:
-        manifest = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{f}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{f}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{f}: schema_version {manifest.get('schema_version')} is not supported (this code reads {SCHEMA_VERSION})")
-    return dict(manifest)

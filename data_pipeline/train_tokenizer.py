@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.logs import progress
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.default_corpus import expand_inputs
 from data_pipeline.documents import accepted_documents
@@ -14,7 +15,6 @@ from data_pipeline.extract import ExtractConfig
 from data_pipeline.filters import SyntaxChecker
 from data_pipeline.sources import enumerate_units
 from data_pipeline.tokenizer import train_tokenizer
-from launch.logs import progress
 
 log = logging.getLogger(__name__)
 

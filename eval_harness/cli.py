@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.logs import progress
+from common.logs import progress
 
 log = logging.getLogger("codegeex.eval")
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.sources import read_jsonl
+from common.io import read_jsonl
 
 # key -> (display name as in the language tags, file stem)
 LANGUAGES = {"python": "Python", "cpp": "C++", "java": "Java", "js": "JavaScript", "go": "Go", "rust": "Rust"}

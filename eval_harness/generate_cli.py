@@ -13,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from launch.logs import progress
+from common.contracts import CheckpointManifest, PairLayout
+from common.logs import progress
 
 log = logging.getLogger("codegeex.eval")
 
@@ -88,17 +89,14 @@ def make_tasks(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     return (incremental_tasks(flat) if args.task == "incremental" else generation_tasks(flat)), problems
 
 
-def prompt_format(args: argparse.Namespace, manifest: dict[str, Any]) -> tuple[Any, bool]:
+def prompt_format(args: argparse.Namespace, manifest: CheckpointManifest) -> tuple[PairLayout | None, bool]:
     """(the pair layout to prompt with, or None for plain prompts; whether the docstring prefix is bidirectional)."""
-    from eval_harness.pair_prompts import PairFormat
-
-    pairs = manifest.get("pairs")
+    pairs = manifest.pairs
     if args.prompt_format == "pairs" and not pairs:
         log.warning("the checkpoint records no pair layout; prompting with docstring_first, no whitespace markers")
-    use = args.prompt_format == "pairs" or (args.prompt_format == "auto" and bool(pairs))
-    fmt = PairFormat(pairs.get("order", "docstring_first"), bool(pairs.get("normalize_whitespace"))) if pairs else \
-        PairFormat()
-    prefix = args.prefix_lm == "on" or (args.prefix_lm == "auto" and manifest.get("objective") == "prefix-code-clm")
+    use = args.prompt_format == "pairs" or (args.prompt_format == "auto" and pairs is not None)
+    fmt = pairs or PairLayout()
+    prefix = args.prefix_lm == "on" or (args.prefix_lm == "auto" and manifest.objective == "prefix-code-clm")
     return (fmt if use else None), prefix
 
 
@@ -113,10 +111,7 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
 
     ckpt = model_dir(checkpoint)
     manifest = read_manifest(ckpt)
-    tok_path = args.tokenizer or manifest.get("tokenizer", {}).get("path")
-    if not tok_path:
-        raise ValueError(f"{ckpt}: the checkpoint names no tokenizer; pass --tokenizer MODEL")
-    tok = CodeTokenizer(tok_path)
+    tok = CodeTokenizer(manifest.tokenizer_path(args.tokenizer, ckpt))
     tasks, problems = make_tasks(args)
     fmt, prefix_lm = prompt_format(args, manifest)
     prompter = Prompter(tok, problems, fmt)  # eval_harness.pair_prompts
@@ -128,7 +123,7 @@ def generate_samples(args: argparse.Namespace, checkpoint: str | Path, output: s
     pc = build_parallel_context(world) if world > 1 else single_context()  # every rank a tensor-parallel slice
     model = load_model(ckpt, pc)
     model.eval()
-    step = int(manifest.get("step", -1))
+    step = manifest.step
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     added = 0
     bar = progress(total=len(tasks) * args.n, initial=len(tasks) * args.n - len(todo), desc="generate", unit="sample",

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import ast
 import inspect
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.contracts import PairLayout
 from data_pipeline.languages import get_language
 from data_pipeline.pairs import pair_prompt
 from data_pipeline.whitespace import normalize, restore
@@ -27,14 +27,6 @@ from eval_harness.stops import truncate
 if TYPE_CHECKING:
     from data_pipeline.tokenizer import CodeTokenizer
     from eval_harness.tasks import Task
-
-
-@dataclass(frozen=True)
-class PairFormat:
-    """How the checkpoint's pairs were laid out (recorded in its manifest by the trainer)."""
-
-    order: str = "docstring_first"
-    normalize_whitespace: bool = False
 
 
 def python_prompt_parts(prompt: str) -> tuple[str, str]:
@@ -53,7 +45,7 @@ def supports_pairs(task: Task) -> bool:
     return task.language == "python" and task.kind in ("generation", "incremental")
 
 
-def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairFormat) -> tuple[np.ndarray, np.ndarray, str]:
+def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairLayout) -> tuple[np.ndarray, np.ndarray, str]:
     """(prompt ids, their modality, the code the prompt already holds) for a Python or MBPP task."""
     if task.task_id.startswith("MBPP/"):
         docstring, code = f"{problem.prompt}\n{problem.test.splitlines()[0]}", ""
@@ -68,7 +60,7 @@ def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairFormat)
     return ids, modality, code + code_prefix
 
 
-def pair_completion(generated: str, code_before: str, fmt: PairFormat) -> str:
+def pair_completion(generated: str, code_before: str, fmt: PairLayout) -> str:
     """The code that follows ``code_before``, from the generated text (cut at ``[eoc]``, whitespace restored)."""
     text = generated.split("[eoc]", 1)[0]
     if not fmt.normalize_whitespace:

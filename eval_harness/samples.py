@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.sources import read_jsonl
+from common.io import read_jsonl
 
 PREFIX_LANGUAGE = {"python": "python", "cpp": "cpp", "java": "java", "javascript": "js", "js": "js", "go": "go",
                    "rust": "rust", "mbpp": "python"}

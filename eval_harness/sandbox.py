@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import option
+from common.config import option
 
 UID_BASE, UID_SPAN = 200_000, 100_000  # far above the accounts of a Debian system
 

@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch.config import ConfigError
-from launch.logs import setup_logging
+from common.config import ConfigError
+from common.logs import setup_logging
 
 # group name -> (module with register(parser), one-line help). Later jobs add their group here.
 GROUPS: dict[str, tuple[str, str]] = {

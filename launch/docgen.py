@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from launch.config import describe
+from common.config import describe
 
 _BLOCK = re.compile(r"(<!-- config: (?P<target>[\w.]+:\w+) -->\n)(?P<body>.*?)(<!-- end config -->)", re.S)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError
+from common.config import ConfigError
 
 log = logging.getLogger("codegeex.launch")
 

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import ConfigError
+from common.config import ConfigError
 
 TRAIN_MODULE = ["-m", "launch.cli", "train"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.config import ConfigError
+from common.config import ConfigError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def device_from(args: argparse.Namespace):  # noqa: ANN201
     import dataclasses
 
-    from launch.planner import DEVICES, Device
+    from common.devices import DEVICES, Device
 
     if args.gpu == "custom":
         if args.memory_gib <= 0 or args.tflops <= 0:

@@ -24,33 +24,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from common.devices import Device
 from megatron_code.config import ModelConfig
 from megatron_code.flops import BYTES, activation_bytes, flops_per_token, memory_per_rank
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Device:
-    """A device kind: memory, dense bf16/fp16 peak, link bandwidths per device (GB/s, one direction)."""
-
-    name: str
-    memory_gib: float
-    peak_tflops: float
-    intra_node_gbps: float
-    inter_node_gbps: float
-    per_node: int = 8
-
-
-# Published figures (NVIDIA data sheets, DGX/HGX: NVLink and one 200/400 Gb/s NIC per GPU; Huawei Ascend 910:
-# 32 GB HBM, 256 TFLOP/s fp16, HCCS, 100 Gb/s RoCE per chip).
-DEVICES = {
-    "A100-40": Device("A100-40", 40, 312, 300, 25),
-    "A100-80": Device("A100-80", 80, 312, 300, 25),
-    "H100-80": Device("H100-80", 80, 989, 450, 50),
-    "H200": Device("H200", 141, 989, 450, 50),
-    "Ascend910": Device("Ascend910", 32, 256, 30, 12.5),
-}
 
 
 @dataclass

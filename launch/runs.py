@@ -15,25 +15,15 @@ import json
 import os
 import re
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launch.config import to_dict
+from common.config import to_dict
+from common.revision import git_revision
 
 SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|PRIVATE", re.IGNORECASE)
-
-
-def git_revision() -> str:
-    """The checkout's commit, or ``unknown`` outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def redacted_environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -63,8 +53,3 @@ def record_launch(run_dir: Path, launcher: str, argv: list[str], commands: list[
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
-
-def run_status(run_dir: Path) -> dict[str, Any]:
-    """What the trainer last wrote to ``RUN_DIR/status.json`` (``{}`` before it started)."""
-    path = run_dir / "status.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

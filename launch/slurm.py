@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.config import ConfigError
+from common.config import ConfigError
 
 TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 

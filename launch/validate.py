@@ -8,14 +8,14 @@ forward and backward at the data's sequence length, and the data sources.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from launch.config import ConfigError
+from common.config import ConfigError
+from common.contracts import MANIFEST, load_store_manifest
 
 
 def _ranks_to_check(world: int, tp: int) -> list[int]:
@@ -26,13 +26,12 @@ def _ranks_to_check(world: int, tp: int) -> list[int]:
 def _data_window(cfg: Any) -> tuple[int, list[str]]:
     notes, seq = [], 0
     for src in cfg.data.sources:
-        manifest = Path(src.path) / "manifest.json"
-        if not manifest.is_file():
+        if not (Path(src.path) / MANIFEST).is_file():
             notes.append(f"data source {src.path}: no manifest.json yet (built later?)")
             continue
-        meta = json.loads(manifest.read_text())
-        seq = max(seq, int(meta["seq_len"]))
-        vocab = int(meta["tokenizer"]["vocab_size"])
+        meta = load_store_manifest(src.path)
+        seq = max(seq, meta.seq_len)
+        vocab = meta.tokenizer.vocab_size
         if vocab > cfg.model.vocab_size:
             raise ConfigError(f"data source {src.path}: tokenizer vocabulary ({vocab}) exceeds model.vocab_size "
                               f"({cfg.model.vocab_size})")

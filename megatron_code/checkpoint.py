@@ -12,8 +12,7 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,35 +23,49 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from launch.config import load_config, to_dict
-from launch.runs import git_revision
+from common.config import load_config, to_dict
+from common.contracts import (
+    MANIFEST,
+    CheckpointManifest,
+    PairLayout,
+    TensorSpec,
+    TokenizerRecord,
+    load_checkpoint_manifest,
+    write_manifest,
+)
+from common.revision import git_revision
 from megatron_code.config import ModelConfig
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
-
-FORMAT = "codegeex-checkpoint"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def shard_name(rank: int, tp: int) -> str:
     return f"model-tp{rank:02d}-of-{tp:02d}.safetensors"
 
 
-def tensor_specs(model: CodeGeeXModel) -> dict[str, dict[str, Any]]:
-    """name -> {"shape": full shape, "partition_dim": int or None}."""
+def tensor_specs(model: CodeGeeXModel) -> dict[str, TensorSpec]:
+    """name -> full shape and the dimension split across tensor-parallel ranks (None: replicated)."""
     specs = {}
     for name, p in model.named_parameters():
         dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= model.pc.tp_size
-        specs[name] = {"shape": shape, "partition_dim": dim}
+        specs[name] = TensorSpec(shape=shape, partition_dim=dim)
     return specs
 
 
-def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0,
-                    extra: dict[str, Any] | None = None) -> None:
+def new_manifest(cfg: ModelConfig, tensors: dict[str, TensorSpec], tp_size: int, step: int = 0,
+                 tokenizer: TokenizerRecord | None = None, pairs: PairLayout | None = None,
+                 objective: str | None = None, converted_from: str | None = None) -> CheckpointManifest:
+    """The one place a checkpoint manifest is put together (training, conversion)."""
+    return CheckpointManifest(model=to_dict(cfg), tp_size=tp_size, step=step, git_revision=git_revision(),
+                              tensors=tensors, tokenizer=tokenizer, pairs=pairs, objective=objective,
+                              converted_from=converted_from)
+
+
+def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, tokenizer: TokenizerRecord | None = None,
+                    pairs: PairLayout | None = None, objective: str | None = None) -> None:
     """Write this rank's shard (data-parallel rank 0 of each TP group) and, on global rank 0, the manifest."""
     path = Path(path)
     pc = model.pc
@@ -61,12 +74,8 @@ def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0,
         state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}
         save_file(state, str(path / shard_name(pc.tp_rank, pc.tp_size)))
     if pc.rank == 0:
-        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": to_dict(model.cfg),
-                    "tp_size": pc.tp_size, "step": step, "git_revision": git_revision(),
-                    "tensors": tensor_specs(model), **(extra or {})}
-        tmp = path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, path / MANIFEST)
+        write_manifest(path, new_manifest(model.cfg, tensor_specs(model), pc.tp_size, step, tokenizer, pairs,
+                                          objective))
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -84,27 +93,21 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint there (a model, step-N, checkpoints or run directory)")
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    f = Path(path) / MANIFEST
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} does not exist: {path} is not a checkpoint directory")
-    manifest = json.loads(f.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{f}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return dict(manifest)
+def read_manifest(path: str | Path) -> CheckpointManifest:
+    return load_checkpoint_manifest(path)
 
 
-def model_config(manifest: dict[str, Any]) -> ModelConfig:
-    return load_config(ModelConfig, values=manifest["model"])
+def model_config(manifest: CheckpointManifest, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    return load_config(ModelConfig, values={**manifest.model, **(overrides or {})})
 
 
-def _slice(spec: dict[str, Any], old_tp: int, new_tp: int, rank: int,
+def _slice(spec: TensorSpec, old_tp: int, new_tp: int, rank: int,
            read: Callable[[int, tuple[slice, ...]], Tensor]) -> Tensor:
     """Rank ``rank``'s piece under ``new_tp`` of a tensor stored as ``old_tp`` shards; read(shard, index)."""
-    dim = spec["partition_dim"]
+    dim = spec.partition_dim
     if dim is None:
         return read(0, ())
-    full = spec["shape"][dim]
+    full = spec.shape[dim]
     for tp in (old_tp, new_tp):
         if full % tp:
             raise ValueError(f"dimension {dim} of size {full} cannot be split {tp} ways")
@@ -118,7 +121,7 @@ def _slice(spec: dict[str, Any], old_tp: int, new_tp: int, rank: int,
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
 
 
-def reshard(shards: list[dict[str, Tensor]], specs: dict[str, dict[str, Any]], new_tp: int) -> list[dict[str, Tensor]]:
+def reshard(shards: list[dict[str, Tensor]], specs: dict[str, TensorSpec], new_tp: int) -> list[dict[str, Tensor]]:
     """In-memory resharding of full sets of shards (works on the meta device)."""
     old_tp = len(shards)
 
@@ -132,16 +135,16 @@ def load_shard(path: str | Path, tp_rank: int, tp_size: int) -> dict[str, Tensor
     """The state of rank ``tp_rank`` under ``tp_size``, reading only the slices it needs."""
     path = Path(path)
     manifest = read_manifest(path)
-    old_tp = manifest["tp_size"]
+    old_tp = manifest.tp_size
     handles = [safe_open(str(path / shard_name(k, old_tp)), framework="pt") for k in range(old_tp)]
 
     def reader(name: str) -> Callable[[int, tuple[slice, ...]], Tensor]:
         return lambda k, idx: handles[k].get_slice(name)[idx] if idx else handles[k].get_tensor(name)
 
-    return {name: _slice(spec, old_tp, tp_size, tp_rank, reader(name)) for name, spec in manifest["tensors"].items()}
+    return {name: _slice(spec, old_tp, tp_size, tp_rank, reader(name)) for name, spec in manifest.tensors.items()}
 
 
-def load_checkpoint(path: str | Path, model: CodeGeeXModel) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: CodeGeeXModel) -> CheckpointManifest:
     """Load weights into ``model`` (any TP size); returns the manifest."""
     manifest = read_manifest(path)
     mine = model_config(manifest)
@@ -167,25 +170,23 @@ def load_parameters(model: CodeGeeXModel, state: dict[str, Tensor], source: str)
 
 def load_model(path: str | Path, pc: ParallelContext, overrides: dict[str, Any] | None = None) -> CodeGeeXModel:
     """Build the model a checkpoint describes, for this parallel context, and load it."""
-    manifest = read_manifest(path)
-    cfg = load_config(ModelConfig, values={**manifest["model"], **(overrides or {})})
+    cfg = model_config(read_manifest(path), overrides)
     model = CodeGeeXModel(cfg, pc, initialize=False)
     load_parameters(model, load_shard(path, pc.tp_rank, pc.tp_size), str(path))
     return model
 
 
-def full_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def full_state(path: str | Path) -> tuple[CheckpointManifest, dict[str, Tensor]]:
     """(manifest, the whole model's state at TP=1) without any process group."""
     return read_manifest(path), load_shard(path, 0, 1)
 
 
-def write_full_state(path: str | Path, manifest: dict[str, Any], state: dict[str, Tensor], tp: int) -> None:
+def write_full_state(path: str | Path, manifest: CheckpointManifest, state: dict[str, Tensor], tp: int) -> None:
     """Write a TP=1 state as a ``tp``-way checkpoint (conversion, no process group)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    specs = manifest["tensors"]
-    for r, shard in enumerate(reshard([state], specs, tp)):
+    for r, shard in enumerate(reshard([state], manifest.tensors, tp)):
         save_file({k: v.contiguous() for k, v in shard.items()}, str(path / shard_name(r, tp)))
-    (path / MANIFEST).write_text(json.dumps({**manifest, "tp_size": tp}, indent=1) + "\n")
+    write_manifest(path, dataclasses.replace(manifest, tp_size=tp))

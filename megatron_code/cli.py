@@ -89,16 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from launch.config import to_dict
-    from megatron_code.checkpoint import (
-        FORMAT,
-        SCHEMA_VERSION,
-        full_state,
-        git_revision,
-        model_config,
-        tensor_specs,
-        write_full_state,
-    )
+    from megatron_code.checkpoint import full_state, model_config, new_manifest, tensor_specs, write_full_state
     from megatron_code.codegeex_format import from_codegeex, load_codegeex_file, to_codegeex
     from megatron_code.model import CodeGeeXModel
     from megatron_code.parallel import single_context
@@ -107,8 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         cfg, state = from_codegeex(load_codegeex_file(args.input), head_dim=args.head_dim, fused_qkv=args.fused_qkv)
         with torch.device("meta"):
             specs = tensor_specs(CodeGeeXModel(cfg, single_context(), initialize=False))
-        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": to_dict(cfg), "tp_size": 1, "step": 0,
-                    "git_revision": git_revision(), "tensors": specs, "converted_from": str(args.input)}
+        manifest = new_manifest(cfg, specs, tp_size=1, converted_from=str(args.input))
         write_full_state(args.output, manifest, state, args.tp)
     else:
         manifest, state = full_state(args.input)
@@ -117,23 +107,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         elif args.to == "codegeex":
             torch.save(to_codegeex(state, model_config(manifest)), args.output)
         else:
-            meta = {"format": "codegeex-safetensors", "model": json.dumps(manifest["model"])}
+            meta = {"format": "codegeex-safetensors", "model": json.dumps(manifest.model)}
             save_file({k: v.contiguous() for k, v in state.items()}, args.output, metadata=meta)
     log.info("wrote %s (%s)", args.output, args.to)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from common.config import load_config
     from data_pipeline.tokenizer import CodeTokenizer
-    from launch.config import load_config
     from megatron_code.checkpoint import load_model, read_manifest
     from megatron_code.generation import SamplingConfig, generate
     from megatron_code.parallel import single_context
 
-    manifest = read_manifest(args.checkpoint)
-    tok_path = args.tokenizer or manifest.get("tokenizer", {}).get("path")
-    if not tok_path:
-        raise ValueError(f"{args.checkpoint}: the checkpoint names no tokenizer; pass --tokenizer MODEL")
+    tok_path = read_manifest(args.checkpoint).tokenizer_path(args.tokenizer, args.checkpoint)
     tok = CodeTokenizer(tok_path)
     model = load_model(args.checkpoint, single_context())
     if tok.vocab_size > model.cfg.vocab_size:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launch.config import load_config
+from common.config import load_config
 from megatron_code.config import ModelConfig
 
 _PREFIXES = [  # (CodeGeeX name prefix, our name prefix), most specific first

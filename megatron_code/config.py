@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from launch.config import ConfigError, load_config, option
+from common.config import ConfigError, load_config, option
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from common.config import option
 from data_pipeline.packing import PREFIX, TEXT
-from launch.config import option
 from megatron_code.attention import MaskInfo
 from megatron_code.model import CodeGeeXModel, KVCache
 

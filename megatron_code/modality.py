@@ -28,7 +28,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import Tensor, nn
 
-from launch.config import ConfigError, to_dict
+from common.config import ConfigError, to_dict
+from common.contracts import CheckpointManifest, StoreManifest
 from megatron_code.config import ModelConfig
 from megatron_code.parallel import ParallelContext
 
@@ -117,12 +118,12 @@ def keyword_token_ids(tokenizer_path: str | Path, languages: Iterable[str]) -> l
     return ids
 
 
-def fill_separated_ids(cfg: ModelConfig, manifest: dict[str, Any]) -> None:
+def fill_separated_ids(cfg: ModelConfig, manifest: StoreManifest) -> None:
     """Partial separation without ids: the keywords and built-ins of the store's languages in its tokenizer."""
     if cfg.embedding_separation != "partial" or cfg.separated_token_ids:
         return
-    languages = [name for name, counts in manifest.get("languages", {}).items() if counts.get("pairs", 0)]
-    cfg.separated_token_ids = keyword_token_ids(manifest["tokenizer"]["path"], languages or ["Python"])
+    languages = [name for name, counts in manifest.languages.items() if counts.pairs]
+    cfg.separated_token_ids = keyword_token_ids(manifest.tokenizer.path, languages or ["Python"])
 
 
 # --- stage 2 ----------------------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def check_compatible(source: ModelConfig, target: ModelConfig, path: str | Path)
 
 
 @torch.no_grad()
-def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> dict[str, Any]:
+def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> CheckpointManifest:
     """Load a checkpoint's weights into ``model`` (any TP size), separating the embeddings if the checkpoint has
     none and the model has some; returns the checkpoint's manifest."""
     from megatron_code.checkpoint import load_parameters, load_shard, model_config, read_manifest, resolve_model_dir

@@ -111,12 +111,12 @@ def label(piece: str) -> str:
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizer import CodeTokenizer
-    from eval_harness.generate_cli import model_dir
-    from megatron_code.checkpoint import full_state
+    from megatron_code.checkpoint import full_state, resolve_model_dir
 
-    manifest, state = full_state(model_dir(args.checkpoint))
-    tok = CodeTokenizer(args.tokenizer or manifest.get("tokenizer", {}).get("path", ""))
-    tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest["model"]).items()}
+    ckpt = resolve_model_dir(args.checkpoint)
+    manifest, state = full_state(ckpt)
+    tok = CodeTokenizer(manifest.tokenizer_path(args.tokenizer, ckpt))
+    tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest.model).items()}
     queries = [w for w in args.tokens.split(",") if w]
     ids = [token_id(tok, w) for w in queries]
     points = {}

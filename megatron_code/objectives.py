@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from torch import Tensor
 
+from common.contracts import StoreManifest
 from data_pipeline.packing import CORRUPTIBLE, PREFIX, TEXT
 from megatron_code.attention import MaskInfo
 from megatron_code.parallel import ParallelContext
@@ -54,20 +55,19 @@ class Objective:
     vocab_size: int = 0
 
 
-def make_objective(cfg: Any, manifests: list[tuple[str, dict[str, Any]]]) -> Objective:
+def make_objective(cfg: Any, manifests: list[tuple[str, StoreManifest]]) -> Objective:
     """The run's objective (``cfg``: a TrainConfig), checked against the training stores' manifests (path, manifest)."""
     name = cfg.objective.name
     if name != "text-code-clm":
-        plain = [path for path, m in manifests if "modality" not in m.get("columns", [])]
+        plain = [path for path, m in manifests if not m.has_modality]
         if plain:
             raise ValueError(f"objective.name {name} needs stores of text-to-code pairs with per-token modality; "
                              f"{plain[0]} has none (build it with extract.functions=true)")
-    tokenizer = manifests[0][1].get("tokenizer", {})
-    if name == "corrupt-code-clm" and "mask_id" not in tokenizer:
+    tokenizer = manifests[0][1].tokenizer
+    if name == "corrupt-code-clm" and tokenizer.mask_id < 0:
         raise ValueError(f"objective.name corrupt-code-clm needs the [MASK] id in {manifests[0][0]}'s manifest "
                          "(tokenizer.mask_id); rebuild the store")
-    return Objective(name, cfg.objective.corrupt_share, cfg.seed, int(tokenizer.get("mask_id", -1)),
-                     int(tokenizer.get("vocab_size", 0)))
+    return Objective(name, cfg.objective.corrupt_share, cfg.seed, tokenizer.mask_id, tokenizer.vocab_size)
 
 
 def corrupt(tokens: np.ndarray, modality: np.ndarray, keys: np.ndarray, obj: Objective) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import ConfigError
+from common.config import ConfigError
 
 
 @dataclass

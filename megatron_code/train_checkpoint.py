@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from common.contracts import StoreManifest
 from megatron_code.checkpoint import save_checkpoint
 from megatron_code.model import CodeGeeXModel
 
@@ -36,8 +37,9 @@ def _all_finite(model: CodeGeeXModel) -> bool:
 
 
 def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeXModel, state: dict[str, Any],
-                             keep: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint ``step`` (every rank calls this); returns its directory."""
+                             keep: int, data: StoreManifest | None = None, objective: str | None = None) -> Path:
+    """Write checkpoint ``step`` (every rank calls this); returns its directory. ``data``: the training store's
+    manifest, whose tokenizer and pair layout generation will need."""
     if not _all_finite(model):
         raise RuntimeError(f"refusing to save the checkpoint of step {step}: parameters hold NaN or Inf")
     name = f"step-{step:08d}"
@@ -47,7 +49,8 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_checkpoint(tmp / "model", model, step, extra)
+    save_checkpoint(tmp / "model", model, step, data.tokenizer if data else None, data.pairs if data else None,
+                    objective)
     engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     (tmp / "rng").mkdir(exist_ok=True)
     rng = {"cpu": torch.get_rng_state()}

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import yaml
 
+from common.config import ConfigError, load_config, option
 from data_pipeline.sampler import SamplerConfig
-from launch.config import ConfigError, load_config, option
 from megatron_code.config import PRESET_DIR, ModelConfig
 
 

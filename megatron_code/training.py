@@ -23,10 +23,11 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from common.config import to_dict
+from common.devices import peak_tflops_for_cuda_name
+from common.logs import progress
+from common.revision import git_revision
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
-from launch.config import to_dict
-from launch.logs import progress
-from launch.runs import git_revision
 from megatron_code.deepspeed_glue import (
     MPUAdapter,
     client_optimizer,
@@ -51,7 +52,6 @@ from megatron_code.train_config import TrainConfig
 
 log = logging.getLogger("codegeex.train")
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 class Metrics:
@@ -109,8 +109,7 @@ def _peak_tflops(cfg: TrainConfig) -> float:
     if cfg.log.peak_tflops > 0:
         return cfg.log.peak_tflops
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+        return peak_tflops_for_cuda_name(torch.cuda.get_device_name())
     return 0.0
 
 
@@ -162,15 +161,6 @@ def record_clipped_norm(engine: Any) -> None:
 def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
     size = len(batch["tokens"]) // n
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
-
-
-def checkpoint_extra(manifest: dict[str, Any], objective: str) -> dict[str, Any]:
-    """What generation needs from the data: the tokenizer, how text-to-code pairs were laid out, the objective."""
-    extract = manifest.get("config", {}).get("extract", {})
-    pairs = ({"order": extract.get("pair_order", "docstring_first"),
-              "normalize_whitespace": bool(extract.get("normalize_whitespace", False))}
-             if "modality" in manifest.get("columns", []) else None)
-    return {"tokenizer": manifest["tokenizer"], "pairs": pairs, "objective": objective}
 
 
 def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -> None:
@@ -291,7 +281,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
                      "git_revision": git_revision(), "command": command}
             path = save_training_checkpoint(root, step, engine, model, state, cfg.checkpoint.keep,
-                                            extra=checkpoint_extra(sampler.sources[0].store.manifest, objective.name))
+                                            sampler.sources[0].store.manifest, objective.name)
             log.info("checkpoint %s", path)
         if stopping:
             log.info("signal %d received: saved at step %d, exiting", stop.received or signal.SIGTERM, step)

@@ -38,9 +38,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[st
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory: pytest.TempPathFactory, corpus: tuple[list[str], dict[str, int]]) -> str:
     """A small tokenizer trained on the test corpus plus a slice of the embedded default corpus."""
+    from common.config import load_config
     from data_pipeline.config import TokenizerConfig
     from data_pipeline.train_tokenizer import run_tokenizer
-    from launch.config import load_config
 
     out = tmp_path_factory.mktemp("tok") / "code"
     cfg = load_config(TokenizerConfig, values={"inputs": [*corpus[0], "default"], "output": str(out),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.config import load_config
+from common.contracts import LanguageCounts, PairLayout, StoreManifest, TokenizerRecord, write_manifest
 from data_pipeline.packing import document_ids, position_ids
-from launch.config import load_config
 from megatron_code.config import ModelConfig
 
 
@@ -35,11 +36,10 @@ def seeded(seed: int = 1234) -> None:
 
 def synthetic_store(path, windows: int = 64, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> str:
     """A token store of random documents, independent of any tokenizer or machine (for golden losses)."""
-    import json
     from pathlib import Path
 
     from data_pipeline.packing import Packer
-    from data_pipeline.store import FORMAT, SCHEMA_VERSION, ShardWriter
+    from data_pipeline.store import ShardWriter
 
     rng = np.random.default_rng(seed)
     out = Path(path)
@@ -50,13 +50,11 @@ def synthetic_store(path, windows: int = 64, seq_len: int = 32, vocab: int = 128
         motif = rng.integers(2, vocab, size=int(rng.integers(2, 6)))
         packer.add(np.concatenate([np.tile(motif, int(rng.integers(3, 9))), [1]]))
     shards = writer.close()
-    total = sum(s["windows"] for s in shards)
-    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "seq_len": seq_len, "window": seq_len + 1,
-                "token_dtype": "uint16", "columns": ["tokens", "doc_starts", "num_tokens", "language"],
-                "tokenizer": {"path": "", "sha256": "synthetic", "vocab_size": vocab, "eod_id": 1, "pad_id": 0},
-                "total_windows": total, "total_documents": 0, "total_tokens": 0, "padding_fraction": 0.0,
-                "languages": {}, "skips": {}, "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    total = sum(s.windows for s in shards)
+    write_manifest(out, StoreManifest(
+        seq_len=seq_len, window=seq_len + 1, token_dtype="uint16", columns=["tokens", "doc_starts", "num_tokens", "language"],
+        tokenizer=TokenizerRecord(sha256="synthetic", vocab_size=vocab, eod_id=1, pad_id=0), total_windows=total,
+        shards=shards))
     return str(out)
 
 
@@ -80,11 +78,10 @@ def synthetic_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def synthetic_pair_store(path, windows: int = 64, seq_len: int = 32, seed: int = 0) -> str:
     """A store of synthetic pairs with per-token modality (best-fit packing: no pair is cut)."""
-    import json
     from pathlib import Path
 
     from data_pipeline.packing import Packer
-    from data_pipeline.store import FORMAT, SCHEMA_VERSION, ShardWriter
+    from data_pipeline.store import ShardWriter
 
     rng = np.random.default_rng(seed)
     out = Path(path)
@@ -94,12 +91,10 @@ def synthetic_pair_store(path, windows: int = 64, seq_len: int = 32, seed: int =
         packer.add(*synthetic_pair(rng))
     packer.flush()
     shards = writer.close()
-    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "seq_len": seq_len, "window": seq_len + 1,
-                "token_dtype": "uint16", "columns": ["tokens", "doc_starts", "num_tokens", "language", "modality"],
-                "tokenizer": {"path": "", "sha256": "synthetic", "vocab_size": 128, "eod_id": 1, "pad_id": 0,
-                              "mask_id": PAIR_IDS["mask"]},
-                "total_windows": sum(s["windows"] for s in shards), "total_documents": 0, "total_tokens": 0,
-                "padding_fraction": 0.0, "languages": {"Python": {"pairs": 1}}, "skips": {}, "shards": shards,
-                "config": {"extract": {"pair_order": "docstring_first", "normalize_whitespace": False}}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, StoreManifest(
+        seq_len=seq_len, window=seq_len + 1, token_dtype="uint16",
+        columns=["tokens", "doc_starts", "num_tokens", "language", "modality"],
+        tokenizer=TokenizerRecord(sha256="synthetic", vocab_size=128, eod_id=1, pad_id=0, mask_id=PAIR_IDS["mask"]),
+        pairs=PairLayout(order="docstring_first", normalize_whitespace=False),
+        total_windows=sum(s.windows for s in shards), languages={"Python": LanguageCounts(pairs=1)}, shards=shards))
     return str(out)

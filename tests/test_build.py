@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import load_config
 from data_pipeline.build import run_build
 from data_pipeline.config import BuildConfig
 from data_pipeline.languages import LANGUAGES
@@ -20,7 +21,6 @@ from data_pipeline.store import StoreError, TokenStore
 from data_pipeline.tokenizer import CodeTokenizer
 from data_pipeline.whitespace import restore
 from launch.cli import main
-from launch.config import load_config
 from tests.conftest import shared_path
 
 
@@ -44,21 +44,21 @@ def store(corpus, tokenizer_model, tmp_path_factory):
 def test_manifest_counts_every_skip_and_language(store, corpus):
     out, m = store
     for reason, n in corpus[1].items():
-        assert m["skips"][reason] == n, reason
-    langs = m["languages"]
-    assert langs["Python"]["documents"] == 6 + 5 + 1 + 1 - 2  # minus the exact and the near duplicate
+        assert m.skips[reason] == n, reason
+    langs = m.languages
+    assert langs["Python"].documents == 6 + 5 + 1 + 1 - 2  # minus the exact and the near duplicate
     assert {"Java", "JavaScript", "CSS", "Go", "C++", "Shell"} <= set(langs)
-    assert m["total_documents"] == sum(v["documents"] for v in langs.values())
-    assert m["total_tokens"] == sum(v["tokens"] for v in langs.values())
-    assert len(m["shards"]) > 1 and all(len(s["sha256"]) == 64 for s in m["shards"])
-    assert m["window"] == 65 and m["tokenizer"]["sha256"] and m["command"] == ["test"]
+    assert m.total_documents == sum(v.documents for v in langs.values())
+    assert m.total_tokens == sum(v.tokens for v in langs.values())
+    assert len(m.shards) > 1 and all(len(s.sha256) == 64 for s in m.shards)
+    assert m.window == 65 and m.tokenizer.sha256 and m.command == ["test"]
 
 
 def test_windows_hold_tagged_documents_ending_in_eod(store, tokenizer_model):
     out, m = store
     tok = CodeTokenizer(tokenizer_model)
     s = TokenStore(out)
-    assert len(s) == m["total_windows"]
+    assert len(s) == m.total_windows
     eods: dict[int, int] = {}
     tags = {tok.piece_id(lang.tag): lang.id for lang in LANGUAGES}
     for i in range(len(s)):
@@ -68,8 +68,8 @@ def test_windows_hold_tagged_documents_ending_in_eod(store, tokenizer_model):
         eods[w.language] = eods.get(w.language, 0) + int(np.sum(real == tok.eod_id))
         for start in w.doc_starts:
             assert tags[int(w.tokens[start])] == w.language  # every document opens with its language's tag
-    for name, stats in m["languages"].items():
-        assert eods[LANGUAGES[[lang.name for lang in LANGUAGES].index(name)].id] == stats["documents"]
+    for name, stats in m.languages.items():
+        assert eods[LANGUAGES[[lang.name for lang in LANGUAGES].index(name)].id] == stats.documents
 
 
 def test_shards_are_byte_identical_whatever_the_parallelism(store, corpus, tokenizer_model, tmp_path):
@@ -89,7 +89,7 @@ def test_finished_store_is_reused_and_spools_removed(store, corpus, tokenizer_mo
     before = [f.stat().st_mtime_ns for f in sorted((out / "shards").glob("*.arrow"))]
     with caplog.at_level("INFO"):
         again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
-    assert "is up to date" in caplog.text and again["total_windows"] == m["total_windows"]
+    assert "is up to date" in caplog.text and again.total_windows == m.total_windows
     assert [f.stat().st_mtime_ns for f in sorted((out / "shards").glob("*.arrow"))] == before
 
 
@@ -135,8 +135,8 @@ def _pair_runs(store_dir, tok):
 def test_text_to_code_pairs_carry_modality(corpus, tokenizer_model, tmp_path):
     m = build(corpus[0], tokenizer_model, tmp_path / "pairs", "extract.functions=true", "extract.keep_files=false",
               "pack.mode=best_fit")
-    assert m["columns"][-1] == "modality" and m["languages"]["Python"]["pairs"] == 2
-    assert {"Java", "JavaScript", "Go", "C++"} <= set(m["languages"])
+    assert m.columns[-1] == "modality" and m.languages["Python"].pairs == 2
+    assert {"Java", "JavaScript", "Go", "C++"} <= set(m.languages)
     tok = CodeTokenizer(tokenizer_model)
     docs = _pair_runs(tmp_path / "pairs", tok)
     patterns = [[r[0] for r in d] for d in docs]  # markup, docstring, code marker, code; [0]: a long pair's rest
@@ -165,16 +165,16 @@ def test_pairs_in_the_pycodegpt_order_with_whitespace_markers(corpus, tokenizer_
 
 def test_decontamination_drops_benchmark_leaks(corpus, tokenizer_model, tmp_path):
     he = shared_path("humaneval-x")
-    from data_pipeline.sources import read_jsonl
+    from common.io import read_jsonl
 
     problem = next(iter(read_jsonl(he / "python" / "humaneval_python.jsonl.gz")))
     leak = tmp_path / "leak"
     leak.mkdir()
     (leak / "solutions.py").write_text(problem["prompt"] + problem["canonical_solution"])
     m = build([*corpus[0], str(leak)], tokenizer_model, tmp_path / "d", f"decontam.humaneval_x={he}")
-    assert m["skips"]["contaminated"] == 1
-    assert m["contaminated_examples"][0]["source"].endswith("solutions.py")
-    assert m["contaminated_examples"][0]["item"] == "Python/0:prompt"
+    assert m.skips["contaminated"] == 1
+    assert m.contaminated_examples[0]["source"].endswith("solutions.py")
+    assert m.contaminated_examples[0]["item"] == "Python/0:prompt"
 
 
 def test_inspect_shows_languages_skips_and_marked_samples(store, capsys):

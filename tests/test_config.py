@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from launch.config import ConfigError, describe, load_config, option, to_dict
+from common.config import ConfigError, describe, load_config, option, to_dict
 
 
 @dataclass

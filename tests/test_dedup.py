@@ -53,7 +53,7 @@ def test_decontamination_on_humaneval_x_and_mbpp():
     mbpp = shared_path("mbpp", "mbpp.jsonl")
     index = ContaminationIndex(DecontamConfig(humaneval_x=str(he), mbpp=str(mbpp)))
     assert index.num_items > 1500
-    from data_pipeline.sources import read_jsonl
+    from common.io import read_jsonl
 
     problem = next(iter(read_jsonl(he / "python" / "humaneval_python.jsonl.gz")))
     leaked = "import os\n\n" + problem["prompt"] + problem["canonical_solution"] + "\n\nprint('hi')\n"

@@ -21,13 +21,14 @@ LANGS = ["python", "cpp", "java", "js", "go"]
 
 
 def check_store(store: Path) -> None:
+    from common.contracts import load_store_manifest
     from data_pipeline.store import TokenStore
 
-    m = json.loads((store / "manifest.json").read_text())
-    assert m["total_windows"] == sum(s["windows"] for s in m["shards"]) == len(TokenStore(store)) > 50
-    assert m["total_tokens"] == sum(lang["tokens"] for lang in m["languages"].values())
-    assert m["total_documents"] == sum(lang["documents"] for lang in m["languages"].values())
-    assert {"Python", "C"} <= set(m["languages"])
+    m = load_store_manifest(store)
+    assert m.total_windows == sum(s.windows for s in m.shards) == len(TokenStore(store)) > 50
+    assert m.total_tokens == sum(lang.tokens for lang in m.languages.values())
+    assert m.total_documents == sum(lang.documents for lang in m.languages.values())
+    assert {"Python", "C"} <= set(m.languages)
 
 
 def train_and_resume(store: Path, tmp: Path) -> Path:

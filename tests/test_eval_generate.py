@@ -17,6 +17,7 @@ from tests.model_utils import tiny_config
 def save_tiny(path: Path, tokenizer: str, step: int, seed: int) -> None:
     import torch
 
+    from common.contracts import TokenizerRecord
     from data_pipeline.tokenizer import CodeTokenizer
     from megatron_code.checkpoint import save_checkpoint
     from megatron_code.model import CodeGeeXModel
@@ -25,7 +26,7 @@ def save_tiny(path: Path, tokenizer: str, step: int, seed: int) -> None:
     tok = CodeTokenizer(tokenizer)
     torch.manual_seed(seed)
     model = CodeGeeXModel(tiny_config(vocab_size=1280, max_position_embeddings=4096), single_context())
-    save_checkpoint(path, model, step, extra={"tokenizer": {"path": tokenizer, "vocab_size": tok.vocab_size}})
+    save_checkpoint(path, model, step, TokenizerRecord(path=tokenizer, vocab_size=tok.vocab_size))
 
 
 GEN = ["--languages", "python,js", "--problems", "2", "--max-new-tokens", "6", "--batch-size", "4"]
@@ -80,6 +81,7 @@ def test_pair_prompts_for_a_modality_checkpoint_python_incremental_and_mbpp(tmp_
     docstring table and prefix attention; HumanEval Python incremental and MBPP samples execute."""
     import torch
 
+    from common.contracts import PairLayout, TokenizerRecord
     from megatron_code.checkpoint import save_checkpoint
     from megatron_code.model import CodeGeeXModel
     from megatron_code.parallel import single_context
@@ -88,9 +90,8 @@ def test_pair_prompts_for_a_modality_checkpoint_python_incremental_and_mbpp(tmp_
     torch.manual_seed(0)
     model = CodeGeeXModel(tiny_config(vocab_size=1280, max_position_embeddings=4096, embedding_separation="full"),
                           single_context())
-    save_checkpoint(tmp_path / "ckpt", model, 5, extra={
-        "tokenizer": {"path": tokenizer_model}, "objective": "prefix-code-clm",
-        "pairs": {"order": "docstring_first", "normalize_whitespace": True}})
+    save_checkpoint(tmp_path / "ckpt", model, 5, TokenizerRecord(path=tokenizer_model),
+                    PairLayout(order="docstring_first", normalize_whitespace=True), "prefix-code-clm")
     common = ["eval", "generate", "--checkpoint", str(tmp_path / "ckpt"), "--greedy", "--max-new-tokens", "8",
               "--problems", "2"]
     assert main([*common, "--data", data, "--languages", "python", "--task", "incremental",

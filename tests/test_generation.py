@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.contracts import TokenizerRecord
 from launch.cli import main
 from megatron_code.checkpoint import save_checkpoint
 from megatron_code.generation import SamplingConfig, filter_logits, generate
@@ -57,7 +58,7 @@ def test_model_cli_info_convert_generate(model, tmp_path, capsys, caplog, tokeni
     assert main(["model", "info", "--preset", "codegeex-13b"]) == 0
     out = capsys.readouterr().out
     assert "12,873,943,040 parameters" in out and "top-query" in out and "GiB" in out
-    save_checkpoint(tmp_path / "ck", model, extra={"tokenizer": {"path": tokenizer_model}})
+    save_checkpoint(tmp_path / "ck", model, tokenizer=TokenizerRecord(path=tokenizer_model))
     assert main(["model", "convert", str(tmp_path / "ck"), "--to", "codegeex", "--output", str(tmp_path / "c.pt")]) == 0
     assert main(["model", "convert", str(tmp_path / "c.pt"), "--to", "native", "--output", str(tmp_path / "back"),
                  "--tp", "2", "--head-dim", "8"]) == 0

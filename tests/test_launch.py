@@ -14,8 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
+from common.config import ConfigError
 from launch.cli import build_parser, main
-from launch.config import ConfigError
 from launch.launch_cli import cmd_slurm
 from launch.launchers import read_hostfile
 from tests.dist import free_port

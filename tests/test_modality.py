@@ -143,7 +143,7 @@ def test_separated_embeddings_equal_the_shared_model_at_tp1_and_tp2(tmp_path: Pa
         for name, value in reference[sep].items():
             np.testing.assert_allclose(got[name], value, err_msg=f"{sep} TP=2: {name}", **TOL)
     for sep in ("full", "partial"):  # saved at TP=2, loaded at TP=1: the same model, its separation recorded
-        assert read_manifest(tmp_path / f"{sep}-tp2")["model"]["embedding_separation"] == sep
+        assert read_manifest(tmp_path / f"{sep}-tp2").model["embedding_separation"] == sep
         again = load_model(tmp_path / f"{sep}-tp2", pc)
         logits = again(inp.tokens, inp.position_ids, inp.mask, text=inp.text)[0].detach().numpy()
         np.testing.assert_allclose(logits, want, **TOL)
@@ -191,8 +191,8 @@ def test_objectives_train_corruption_resumes_exactly_and_stage_two_starts_from_s
     from megatron_code.checkpoint import read_manifest
 
     manifest = read_manifest(tmp_path / "stage2-partial" / "checkpoints" / "step-00000004" / "model")
-    assert manifest["model"]["embedding_separation"] == "partial"
-    assert manifest["model"]["separated_token_ids"] == SEPARATED and manifest["pairs"]["order"] == "docstring_first"
+    assert manifest.model["embedding_separation"] == "partial"
+    assert manifest.model["separated_token_ids"] == SEPARATED and manifest.pairs and manifest.pairs.order == "docstring_first"
 
 
 def test_generation_uses_the_training_masks_with_a_kv_cache():
@@ -228,13 +228,14 @@ def test_generation_uses_the_training_masks_with_a_kv_cache():
 def test_pair_prompts_for_every_humaneval_python_problem():
     """Every HumanEval Python prompt splits into docstring and code; the canonical solution, generated as pair text
     (whitespace markers and [eoc] included), maps back to the canonical completion."""
+    from common.contracts import PairLayout
     from data_pipeline.whitespace import normalize
     from eval_harness.datasets import load_humaneval_x
-    from eval_harness.pair_prompts import PairFormat, pair_completion, python_prompt_parts
+    from eval_harness.pair_prompts import pair_completion, python_prompt_parts
     from tests.conftest import shared_path
 
     problems = load_humaneval_x(shared_path("humaneval-x"), ["python"])["python"]
-    fmt = PairFormat("docstring_first", normalize_whitespace=True)
+    fmt = PairLayout(order="docstring_first", normalize_whitespace=True)
     for p in problems:
         docstring, code = python_prompt_parts(p.prompt)
         assert docstring and "def " in code and p.prompt.startswith(code) and docstring.split()[0] in p.prompt
@@ -245,6 +246,7 @@ def test_pair_prompts_for_every_humaneval_python_problem():
 def test_keyword_rows_and_neighbours_of_a_partially_separated_checkpoint(tokenizer_model, tmp_path, caplog):
     """PES rows are the tokenizer's pieces for Python keywords and built-ins; `model neighbours` reads both spaces
     of a checkpoint and draws them (a docstring row set to another token's code row is its nearest neighbour)."""
+    from common.contracts import TokenizerRecord
     from data_pipeline.tokenizer import CodeTokenizer
     from launch.cli import main
     from megatron_code.checkpoint import save_checkpoint
@@ -263,7 +265,7 @@ def test_keyword_rows_and_neighbours_of_a_partially_separated_checkpoint(tokeniz
     d, r = token_id(tok, "def"), token_id(tok, "return")
     with torch.no_grad():  # in the docstring space only, "def" points where "return" does
         model.docstring_embeddings.rows[ids.index(d)] = model.docstring_embeddings.rows[ids.index(r)] * 3
-    save_checkpoint(tmp_path / "ckpt", model, extra={"tokenizer": {"path": tokenizer_model}})
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer=TokenizerRecord(path=tokenizer_model))
     caplog.set_level("INFO", logger="codegeex.model")
     assert main(["model", "neighbours", "--checkpoint", str(tmp_path / "ckpt"), "--tokens", "def,len", "--k", "5",
                  "--output", str(tmp_path / "n.png")]) == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.config import ConfigError
+from common.config import ConfigError
+from common.contracts import TokenizerRecord
 from megatron_code.attention import BACKENDS, MaskInfo
 from megatron_code.checkpoint import full_state, load_model, reshard, save_checkpoint, tensor_specs, write_full_state
 from megatron_code.codegeex_format import from_codegeex, load_codegeex_file, to_codegeex
@@ -103,12 +104,12 @@ def test_kv_cache_matches_full_forward(pc, fused):
 
 def test_native_checkpoint_round_trip_and_meta_reshard_to_8(pc, tmp_path):
     model = model_for(pc)
-    save_checkpoint(tmp_path / "ck", model, step=7, extra={"tokenizer": {"sha256": "abc"}})
+    save_checkpoint(tmp_path / "ck", model, step=7, tokenizer=TokenizerRecord(sha256="abc"))
     loaded = load_model(tmp_path / "ck", pc)
     for (n, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), n
     manifest, state = full_state(tmp_path / "ck")
-    assert manifest["step"] == 7 and manifest["tokenizer"]["sha256"] == "abc" and manifest["tp_size"] == 1
+    assert manifest.step == 7 and manifest.tokenizer and manifest.tokenizer.sha256 == "abc" and manifest.tp_size == 1
     write_full_state(tmp_path / "ck4", manifest, state, 4)
     assert len(list((tmp_path / "ck4").glob("*.safetensors"))) == 4
     assert torch.equal(full_state(tmp_path / "ck4")[1]["layers.1.mlp.dense_4h_to_h.weight"],

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from common.config import ConfigError
 from launch.cli import main
-from launch.config import ConfigError
 from launch.planner import DEVICES, Choice, PlanRequest, plan, predict, structural_problem
 from launch.validate import validate_job
 from megatron_code.config import load_preset

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from common.config import ConfigError, load_config
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
 from data_pipeline.store import TokenStore
-from launch.config import ConfigError, load_config
 from tests.test_build import build
 
 

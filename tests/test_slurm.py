@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.contracts import load_store_manifest
 from launch.cli import main
 from tests.model_utils import synthetic_store
 from tests.slurm_cluster import slurm_cluster, wait_job
@@ -73,8 +74,8 @@ def test_data_array_job_then_merge_equals_a_local_build(cluster, tmp_path, capsy
     assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in records), logs
     assert "part 0 of 2" in logs and "part 1 of 2" in logs
     assert main([*build, "--output", str(tmp_path / "local-store")]) == 0
-    sharded = json.loads((out / "manifest.json").read_text())
-    local = json.loads((tmp_path / "local-store" / "manifest.json").read_text())
-    assert [s["sha256"] for s in sharded["shards"]] == [s["sha256"] for s in local["shards"]]
-    assert sharded["total_windows"] == local["total_windows"] > 0
+    sharded = load_store_manifest(out)
+    local = load_store_manifest(tmp_path / "local-store")
+    assert [s.sha256 for s in sharded.shards] == [s.sha256 for s in local.shards]
+    assert sharded.total_windows == local.total_windows > 0
     assert Path(tmp_path / "array-store-slurm" / "launch" / "data-merge.sbatch").exists()

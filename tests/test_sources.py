@@ -7,10 +7,11 @@ from collections import Counter
 
 import pytest
 
+from common.io import read_jsonl
 from data_pipeline.documents import accepted_documents
 from data_pipeline.extract import ExtractConfig
 from data_pipeline.filters import FilterConfig, SyntaxChecker
-from data_pipeline.sources import RecordFields, enumerate_units, read_jsonl, read_unit
+from data_pipeline.sources import RecordFields, enumerate_units, read_unit
 
 
 def _accepted(inputs, unit_bytes=1 << 20, filters=None):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from common.config import load_config
 from data_pipeline.config import TokenizerConfig
 from data_pipeline.languages import get_language
 from data_pipeline.tokenizer import EOD, MARKERS, CodeTokenizer, special_symbols
 from data_pipeline.train_tokenizer import training_texts
-from launch.config import load_config
 
 
 def test_round_trip_on_every_accepted_file_of_every_language(tokenizer_model, corpus):

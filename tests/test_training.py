@@ -24,7 +24,7 @@ def run_configs(configs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Train each config in turn in this process; rank 0 returns every run's metrics."""
     import torch.distributed as dist
 
-    from launch.config import load_config
+    from common.config import load_config
     from megatron_code.train_config import TrainConfig
     from megatron_code.training import train
 
@@ -91,7 +91,7 @@ def test_tp2_and_dp2_equal_the_single_process_run(store, tmp_path):
 
 
 def test_golden_loss_of_the_tiny_preset(store, tmp_path):
-    from launch.config import load_config
+    from common.config import load_config
     from megatron_code.config import PRESET_DIR, ModelConfig
 
     tiny = load_config(ModelConfig, PRESET_DIR / "tiny.yaml")

@@ -117,13 +117,16 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     if unknown:
         label = f"section '{where}'" if where else "the top level"
         raise ConfigError(f"unknown key(s) {unknown} in {label}; valid keys: {', '.join(sorted(types_))}")
+    required = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.init]
+    missing = [name for name in required if name not in values]
+    if missing:
+        label = f"section '{where}'" if where else "the top level"
+        raise ConfigError(f"missing key(s) {missing} in {label}")
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(value, types_[name], f"{where}.{name}" if where else name)
-    try:
-        obj = cls(**kwargs)
-    except TypeError as exc:  # a required field was not given
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+    obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
@@ -133,6 +136,11 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
         except ValueError as exc:  # validators raise ValueError naming the field and value
             raise ConfigError(str(exc)) from None
     return obj
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build the dataclass ``cls`` from plain data, checking every key and value as :func:`load_config` does."""
+    return _build(cls, values, "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

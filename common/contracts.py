@@ -1,0 +1,233 @@
+"""The contracts between stages: the token store's manifest and the checkpoint's manifest, as typed dataclasses.
+
+Each is written by one stage and read by the next ones, always through the classes here: :func:`load_store_manifest`
+and :func:`load_checkpoint_manifest` are the only readers, :func:`write_manifest` the only writer. A missing or
+wrong field is reported naming the file and the field (``STORE/manifest.json: tokenizer.vocab_size: expected an
+integer, got 'x'``); a format version this code does not read is refused by name, and older versions that it can
+read are upgraded on load.
+
+Store manifest versions:
+    1  the pair layout (order, whitespace markers) only inside the build's own ``config.extract``;
+    2  (current) a ``pairs`` section of its own, None for stores without text-to-code pairs.
+
+Checkpoint manifest versions:
+    1  (current) model config, TP size, step, tensor specs, git revision; tokenizer, pair layout and objective
+       when the trainer knew them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from common.config import ConfigError, from_mapping, to_dict
+from common.io import write_json_atomic
+
+MANIFEST = "manifest.json"
+STORE_FORMAT = "codegeex-token-store"
+STORE_SCHEMA_VERSION = 2
+CHECKPOINT_FORMAT = "codegeex-checkpoint"
+CHECKPOINT_SCHEMA_VERSION = 1
+
+M = TypeVar("M")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing a field, has a wrong one, or is of another format or version; the message names the
+    file and the field."""
+
+
+class StoreError(ManifestError):
+    """A store is missing, incomplete, corrupt or of another format; the message names the file."""
+
+
+@dataclass(kw_only=True)
+class TokenizerRecord:
+    """The tokenizer a store was built with (and a checkpoint trained on): where it was, its fingerprint, its ids."""
+
+    path: str = ""
+    sha256: str = ""
+    vocab_size: int = 0
+    eod_id: int = -1
+    pad_id: int = -1
+    eod: str = ""
+    token_dtype: str = ""
+    mask_id: int = -1  # -1: no [MASK] piece recorded (stores built before corrupt-code-clm existed)
+
+
+@dataclass(kw_only=True, frozen=True)
+class PairLayout:
+    """How text-to-code pairs are laid out in a store, and so how a checkpoint trained on them is prompted."""
+
+    order: Literal["docstring_first", "signature_first"] = "docstring_first"
+    normalize_whitespace: bool = False
+
+
+@dataclass(kw_only=True)
+class ShardEntry:
+    file: str  # relative to the store, e.g. shards/shard-00000.arrow
+    windows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(kw_only=True)
+class LanguageCounts:
+    documents: int = 0
+    pairs: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    windows: int = 0
+
+
+@dataclass(kw_only=True)
+class StoreManifest:
+    """``STORE/manifest.json``: what ``codegeex data build`` wrote and the sampler, trainer and inspector read."""
+
+    format: str = STORE_FORMAT
+    schema_version: int = STORE_SCHEMA_VERSION
+    seq_len: int
+    window: int  # seq_len + 1 tokens per stored window (inputs and the shifted labels)
+    token_dtype: str
+    columns: list[str]
+    pack_mode: str = "concat"
+    tokenizer: TokenizerRecord
+    pairs: PairLayout | None = None  # None: no text-to-code pairs (no modality column)
+    total_windows: int
+    total_documents: int = 0
+    total_tokens: int = 0
+    padding_fraction: float = 0.0
+    languages: dict[str, LanguageCounts] = field(default_factory=dict)
+    skips: dict[str, int] = field(default_factory=dict)
+    dedup: dict[str, Any] = field(default_factory=dict)
+    contaminated_examples: list[dict[str, str]] = field(default_factory=list)
+    shards: list[ShardEntry]
+    identity: str = ""  # what the build's inputs and settings hash to (an up-to-date store is not rebuilt)
+    command: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the build's own configuration: provenance only
+
+    def validate(self) -> None:
+        if self.window != self.seq_len + 1:
+            raise ValueError(f"window ({self.window}) must be seq_len + 1 ({self.seq_len + 1})")
+        if self.tokenizer.vocab_size <= 0:
+            raise ValueError(f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) must be positive")
+        if self.has_modality != (self.pairs is not None):
+            raise ValueError(f"pairs ({self.pairs}) must be given exactly when the columns have modality "
+                             f"({self.columns})")
+
+    @property
+    def has_modality(self) -> bool:
+        """Whether windows carry per-token modality flags (stores of text-to-code pairs)."""
+        return "modality" in self.columns
+
+
+@dataclass(kw_only=True)
+class TensorSpec:
+    shape: list[int]  # the full (unsplit) shape
+    partition_dim: int | None  # the dimension split across tensor-parallel ranks; None: replicated
+
+
+@dataclass(kw_only=True)
+class CheckpointManifest:
+    """``CHECKPOINT/manifest.json``: everything generation and evaluation need beside the tensors."""
+
+    format: str = CHECKPOINT_FORMAT
+    schema_version: int = CHECKPOINT_SCHEMA_VERSION
+    model: dict[str, Any]  # the model configuration (megatron_code.config.ModelConfig as plain data)
+    tp_size: int
+    step: int = 0
+    git_revision: str = "unknown"
+    tensors: dict[str, TensorSpec]
+    tokenizer: TokenizerRecord | None = None
+    pairs: PairLayout | None = None  # the pair layout it was trained on, None for plain code
+    objective: str | None = None
+    converted_from: str | None = None
+
+    def validate(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size ({self.tp_size}) must be at least 1")
+
+    def tokenizer_path(self, override: str | Path | None = None, where: str | Path = "") -> str:
+        """The tokenizer to decode with: ``override`` when given, else the one training recorded."""
+        path = str(override) if override else (self.tokenizer.path if self.tokenizer else "")
+        if not path:
+            raise ValueError(f"{where or 'the checkpoint'}: the checkpoint names no tokenizer; pass --tokenizer MODEL")
+        return path
+
+
+def _upgrade_store(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: the pair layout moves out of the build's configuration into its own section."""
+    data = dict(data)
+    if data.get("schema_version") == 1:
+        extract = data.get("config", {}).get("extract", {})
+        data["pairs"] = ({"order": extract.get("pair_order", "docstring_first"),
+                          "normalize_whitespace": bool(extract.get("normalize_whitespace", False))}
+                         if "modality" in data.get("columns", []) else None)
+        data["schema_version"] = 2
+    return data
+
+
+_KINDS: dict[type, tuple[str, int, tuple[int, ...], Any]] = {
+    # class: (format, current version, older versions read, upgrade)
+    StoreManifest: (STORE_FORMAT, STORE_SCHEMA_VERSION, (1,), _upgrade_store),
+    CheckpointManifest: (CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA_VERSION, (), lambda d: d),
+}
+
+
+def manifest_from_json(cls: type[M], data: Any, source: str | Path) -> M:
+    """Check ``data`` (a parsed manifest) against ``cls``: format, version, every field's presence and type."""
+    fmt, version, older, upgrade = _KINDS[cls]
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("format") != fmt:
+        raise ManifestError(f"{source}: format {data.get('format')!r} is not {fmt!r}")
+    got = data.get("schema_version")
+    if got != version and got not in older:
+        readable = ", ".join(str(v) for v in (*older, version))
+        raise ManifestError(f"{source}: schema_version {got!r} is not one this code reads ({readable}); "
+                            + ("it is newer: update the code" if isinstance(got, int) and got > version else
+                               "rebuild it with this version"))
+    try:
+        return from_mapping(cls, upgrade(data))
+    except ConfigError as exc:
+        raise ManifestError(f"{source}: {exc}") from None
+
+
+def _load(cls: type[M], directory: str | Path, missing: type[Exception], what: str) -> M:
+    f = Path(directory) / MANIFEST
+    if not f.is_file():
+        raise missing(f"{f} does not exist: {directory} is not {what}")
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{f}: not valid JSON ({exc})") from None
+    return manifest_from_json(cls, data, f)
+
+
+def load_store_manifest(store: str | Path) -> StoreManifest:
+    """The manifest of the token store in directory ``store``."""
+    try:
+        return _load(StoreManifest, store, StoreError, "a token store, or its build has not finished")
+    except ManifestError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def load_checkpoint_manifest(checkpoint: str | Path) -> CheckpointManifest:
+    """The manifest of the model checkpoint in directory ``checkpoint``."""
+    return _load(CheckpointManifest, checkpoint, FileNotFoundError, "a checkpoint directory")
+
+
+def manifest_to_json(manifest: StoreManifest | CheckpointManifest) -> dict[str, Any]:
+    return to_dict(manifest)
+
+
+def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointManifest) -> Path:
+    """Write ``DIR/manifest.json`` atomically (checked first: what is written can be read back)."""
+    data = manifest_to_json(manifest)
+    manifest_from_json(type(manifest), data, Path(directory) / MANIFEST)
+    path = Path(directory) / MANIFEST
+    write_json_atomic(path, data)
+    return path
+
