@@ -53,6 +53,7 @@ $(VENV)/node/node_modules/js-md5: | $(BIN)/python
 lint: $(STAMP)
 	$(BIN)/ruff check common launch megatron_code data_pipeline eval_harness tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint system
 	$(BIN)/python -m pytest -q
