@@ -56,6 +56,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        concrete = [arg for arg in args if arg is not type(None)]
+        if len(concrete) == 1:  # X | None: X's own error says what is wrong
+            return _coerce(value, concrete[0], where)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -228,6 +228,7 @@ def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointMa
     data = manifest_to_json(manifest)
     manifest_from_json(type(manifest), data, Path(directory) / MANIFEST)
     path = Path(directory) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return path
 

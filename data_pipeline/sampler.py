@@ -131,11 +131,6 @@ class DataSampler:
     def local_batch_size(self) -> int:
         return self.cfg.global_batch_size // self.dp_size
 
-    @property
-    def epoch_samples(self) -> int:
-        """Samples in one pass over every source at weight 1."""
-        return int(sum(len(s.windows) for s in self.sources))
-
     def _draw(self) -> tuple[int, int]:
         """The next global sample as (source, store index); advances the state."""
         st = self.state
