@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.io import write_bytes_atomic
 from data_pipeline.languages import LANGUAGES, Language
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ def train_tokenizer(
         minloglevel=2,
     )
     path = out.with_name(out.name + ".model")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(path)
+    write_bytes_atomic(path, model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
     out.with_name(out.name + ".vocab").write_text(vocab, encoding="utf-8")

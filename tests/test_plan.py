@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from common.config import ConfigError
+from common.devices import DEVICES
 from launch.cli import main
-from launch.planner import DEVICES, Choice, PlanRequest, plan, predict, structural_problem
+from launch.planner import Choice, PlanRequest, plan, predict, structural_problem
 from launch.validate import validate_job
 from megatron_code.config import load_preset
 from tests.model_utils import synthetic_store
