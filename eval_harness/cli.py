@@ -1,15 +1,21 @@
-"""``codegeex eval {generate,execute,canonical,report,watch}``."""
+"""``codegeex eval {execute,canonical,report,generate,watch}``: arguments only. Each command builds the typed
+configuration of its library function from its arguments and calls it (:mod:`eval_harness.execute`,
+:mod:`eval_harness.canonical`, :mod:`eval_harness.report`, :mod:`eval_harness.generate`, :mod:`eval_harness.watch`);
+those are imported when the command runs, so ``codegeex --help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import get_args
 
-from common.logs import progress
+from eval_harness.generate import GenerateConfig, PrefixLM, PromptFormat, generate_samples
+from eval_harness.sandbox import Limits
+from eval_harness.tasks import Kind, TaskSet
 
 log = logging.getLogger("codegeex.eval")
 
@@ -27,7 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("canonical", help="write samples of the reference solutions (self-check of data and runners)")
     _data_args(p)
     p.add_argument("--languages", default="all")
-    p.add_argument("--tasks", default="generation", help="generation,translation,example,incremental")
+    p.add_argument("--tasks", default=Kind.GENERATION.value, help="generation,translation,example,incremental")
     p.add_argument("--output", required=True, help="samples.jsonl to write")
     p.set_defaults(func=cmd_canonical)
 
@@ -38,10 +44,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=0, help="also the multilingual budget allocation at this budget")
     p.set_defaults(func=cmd_report)
 
-    from eval_harness.generate_cli import register_generate, register_watch
+    p = sub.add_parser("generate", help="samples.jsonl from a checkpoint (batched, TP-aware, resumable)")
+    _gen_args(p)
+    p.add_argument("--output", required=True, help="samples.jsonl (a rerun adds only the missing samples)")
+    p.set_defaults(func=cmd_generate)
 
-    register_generate(sub)
-    register_watch(sub)
+    p = sub.add_parser("watch", help="evaluate each new checkpoint of a training run as it appears")
+    p.add_argument("run_dir", help="the training run directory (RUN_DIR/checkpoints/step-N)")
+    _gen_args(p, checkpoint=False)
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between looks for new checkpoints")
+    p.add_argument("--once", action="store_true", help="evaluate what is there, then exit")
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=cmd_watch)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -51,82 +65,63 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def _exec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="parallel programs (default: the cores)")
-    p.add_argument("--timeout", type=float, default=10.0, help="run timeout per program, seconds")
-    p.add_argument("--compile-timeout", type=float, default=60.0, help="compile timeout (stretched by load)")
-    p.add_argument("--memory-gib", type=float, default=4.0, help="address-space limit per program")
+    p.add_argument("--timeout", type=float, default=Limits.timeout_s, help="run timeout per program, seconds")
+    p.add_argument("--compile-timeout", type=float, default=Limits.compile_timeout_s,
+                   help="compile timeout (stretched by load)")
+    p.add_argument("--memory-gib", type=float, default=Limits.memory_bytes / 2**30,
+                   help="address-space limit per program")
 
 
-def load_problems(data: str, mbpp: str, languages: set[str]) -> dict[str, Any]:
-    from eval_harness.datasets import load_humaneval_x, load_mbpp
+def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    d = GenerateConfig()
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True, help="a model, step-N, checkpoints or run directory")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="SentencePiece model (default: the one the checkpoint names)")
+    p.add_argument("--data", default=d.data, help="HumanEval-X directory")
+    p.add_argument("--mbpp", default=d.mbpp, help="mbpp.jsonl (for --task mbpp; the test split, ids 11-510)")
+    p.add_argument("--task", default=d.task.value, choices=[t.value for t in TaskSet])
+    p.add_argument("--prompt-format", default=d.prompt_format, choices=get_args(PromptFormat),
+                   help="pairs: Python and MBPP prompts in the text-to-code pair layout of the checkpoint's data "
+                        "(auto: when the checkpoint was trained on pairs)")
+    p.add_argument("--prefix-lm", default=d.prefix_lm, choices=get_args(PrefixLM),
+                   help="bidirectional attention over the prompt's docstring prefix (auto: when the checkpoint was "
+                        "trained with prefix-code-clm)")
+    p.add_argument("--languages", default=d.languages)
+    p.add_argument("--problems", type=int, default=d.problems, help="only the first N problems per language (0: all)")
+    p.add_argument("--n", type=int, default=d.n, help="samples per task")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
 
-    problems: dict[str, Any] = {}
-    langs = sorted(languages - {"mbpp"})
-    if langs:
-        if not data:
-            raise ValueError("--data HUMANEVAL_X_DIR is needed for " + ", ".join(langs))
-        for probs in load_humaneval_x(data, langs).values():
-            problems.update({p.task_id: p for p in probs})
-    if "mbpp" in languages:
-        if not mbpp:
-            raise ValueError("--mbpp FILE is needed for MBPP/ task ids")
-        problems.update({p.task_id: p for p in load_mbpp(mbpp, "all")})
-    return problems
 
-
-def execute_file(samples_path: str, data: str, mbpp: str, output: str, workers: int = 0,
-                 limits: Any = None) -> dict[str, Any]:
-    """Execute what is missing from ``output``; returns the run's counts."""
-    from eval_harness.executor import default_workers, ensure_tools, execute_jobs, make_jobs
-    from eval_harness.samples import ResultWriter, iter_pending, read_results, read_samples, result_id
-    from eval_harness.sandbox import Limits
-
-    samples = read_samples(samples_path)
-    done = {result_id(r) for r in read_results(output)}
-    pending = list(iter_pending(samples, done))
-    kinds = {"mbpp" if s["task_id"].startswith("MBPP/") else s["language"] for s in pending}
-    ensure_tools(kinds)
-    problems = load_problems(data, mbpp, kinds)
-    jobs = make_jobs(pending, problems)
-    writer = ResultWriter(output)
-    bar = progress(total=len(samples), initial=len(done), desc="execute", unit="sample")
-
-    def on_result(row: dict[str, Any]) -> None:
-        writer.write(row)
-        bar.update(1)
-
-    try:
-        stats = execute_jobs(jobs, limits or Limits(), workers or default_workers(), on_result)
-    finally:
-        writer.close()
-        bar.close()
-    stats.update(already_done=len(done), total=len(samples))
-    return stats
+def generate_config(args: argparse.Namespace) -> GenerateConfig:
+    """The arguments of ``generate`` and ``watch`` (each field's argument has its name) as a GenerateConfig."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)}
+    return GenerateConfig(**{**values, "task": TaskSet(args.task)})
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    from eval_harness.samples import read_results
-    from eval_harness.sandbox import Limits
-    from eval_harness.scoring import score
+    from eval_harness.execute import ExecuteConfig, execute_file, summary
 
     limits = Limits(timeout_s=args.timeout, compile_timeout_s=args.compile_timeout,
                     memory_bytes=int(args.memory_gib * 2**30))
-    stats = execute_file(args.samples, args.data, args.mbpp, args.output, args.workers, limits)
-    summary = score(read_results(args.output), ks=(1, 10, 100))
+    cfg = ExecuteConfig(Path(args.samples), Path(args.output), args.data, args.mbpp, args.workers, limits)
+    stats = execute_file(cfg)
     log.info("executed %d samples (%d unique programs) in %.1f s; %d were already in %s", stats["jobs"],
              stats["unique_programs"], stats["seconds"], stats["already_done"], args.output)
-    sys.stdout.write(json.dumps({"statuses": summary["statuses"], **{k: v for k, v in summary.items()
-                                 if k in ("generation", "example")}}, indent=1) + "\n")
+    sys.stdout.write(json.dumps(summary(cfg.output), indent=1) + "\n")
     return 0
 
 
 def cmd_canonical(args: argparse.Namespace) -> int:
-    from eval_harness.canonical import canonical_samples
+    from eval_harness.canonical import CanonicalConfig, write_canonical
 
-    rows = canonical_samples(args.data, args.languages, args.tasks.split(","), args.mbpp)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    log.info("%d canonical samples -> %s", len(rows), args.output)
+    count = write_canonical(CanonicalConfig(Path(args.output), args.data, args.languages, tuple(args.tasks.split(",")),
+                                            args.mbpp))
+    log.info("%d canonical samples -> %s", count, args.output)
     return 0
 
 
@@ -136,4 +131,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = write_report([Path(p) for p in args.results], Path(args.output),
                          [int(k) for k in args.ks.split(",")], args.budget)
     sys.stdout.write(f"report: {paths[0]} and {paths[1]}\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    added = generate_samples(generate_config(args), args.checkpoint, args.output)
+    log.info("%d samples added to %s", added, args.output)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from eval_harness.watch import WatchConfig, watch
+
+    watch(WatchConfig(Path(args.run_dir), generate_config(args), args.interval, args.once, args.workers))
     return 0

@@ -17,6 +17,7 @@ from common.io import read_jsonl
 LANGUAGES = {"python": "Python", "cpp": "C++", "java": "Java", "js": "JavaScript", "go": "Go", "rust": "Rust"}
 DEFAULT_LANGUAGES = ("python", "cpp", "java", "js", "go")
 REQUIRED = ("task_id", "prompt", "declaration", "canonical_solution", "test")
+MBPP_PREFIX = "MBPP/"  # MBPP's task ids are MBPP/<number>
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Problem:
     @property
     def number(self) -> int:
         return int(self.task_id.rsplit("/", 1)[1])
+
+
+def is_mbpp(task_id: str) -> bool:
+    """An MBPP task: the completion is the whole program (no prompt before it)."""
+    return task_id.startswith(MBPP_PREFIX)
 
 
 def resolve_languages(names: str | list[str]) -> list[str]:
@@ -101,6 +107,6 @@ def load_mbpp(path: str | Path, split: str = "test") -> list[Problem]:
             continue
         text = rec.get("text") or rec.get("prompt") or ""
         tests = "\n".join(rec["test_list"])
-        out.append(Problem(f"MBPP/{rec['task_id']}", "python", text, "", rec["code"], tests,
+        out.append(Problem(f"{MBPP_PREFIX}{rec['task_id']}", "python", text, "", rec["code"], tests,
                            extra={"test_setup_code": rec.get("test_setup_code", "")}))
     return sorted(out, key=lambda p: p.number)

@@ -1,5 +1,5 @@
-"""Executing one sample: assemble the program for its language (:mod:`eval_harness.runners`), compile it under its
-own timeout, run it in the sandbox, classify the outcome.
+"""Executing one sample: assemble the program for its language and kind (:mod:`eval_harness.runners`), compile it
+under its own timeout, run it in the sandbox, classify the outcome.
 
 Statuses: passed, failed, compile_error, timeout, runtime_error, sandbox_violation. A program passes only when it
 exits 0 *and* shows a random sentinel that the harness places after the tests.
@@ -11,12 +11,14 @@ import hashlib
 import secrets
 import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval_harness.datasets import Problem
+from eval_harness.datasets import Problem, is_mbpp
 from eval_harness.runners import BUILDERS, Program, link_tree
 from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
+from eval_harness.tasks import Kind
 
 STATUSES = ("passed", "failed", "compile_error", "timeout", "runtime_error", "sandbox_violation")
 FAILURE_MARKS = ("AssertionError", "Assertion failed", "Assertion `", "--- FAIL", "Error Trace:")
@@ -77,18 +79,45 @@ def result_row(program: Program, sentinel: str, compiled: RunResult | None, resu
             "isolated": last.isolated}
 
 
-def execute(problem: Problem, completion: str, limits: Limits | None = None, *, prefix: str | None = None,
-            test: str | None = None) -> dict[str, Any]:
-    """One sample: ``prefix`` (default: the problem's prompt) + ``completion``, then ``test`` (default: the
-    problem's tests). MBPP's completion is the whole solution."""
-    limits = limits or Limits()
+@dataclass
+class Job:
+    """One sample's program, ready to run: the sample's fields, the program, its sentinel and its digest."""
+
+    sample: dict[str, Any]
+    program: Program
+    sentinel: str
+    digest: str
+
+
+def code_and_test(sample: dict[str, Any], problem: Problem) -> tuple[str, str]:
+    """The code the completion continues, and the tests, for the sample's kind."""
+    kind = sample["kind"]
+    if is_mbpp(problem.task_id):
+        return "", problem.test
+    if kind == Kind.TRANSLATION:
+        return problem.declaration, problem.test
+    if kind == Kind.INCREMENTAL:
+        lines = problem.canonical_solution.splitlines(keepends=True)
+        return problem.prompt + "".join(lines[:int(sample.get("prefix_lines", 0))]), problem.test
+    if kind == Kind.EXAMPLE:
+        if not problem.example_test:
+            raise ValueError(f"{problem.task_id} has no example_test for example-test mode")
+        return problem.prompt, problem.example_test
+    return problem.prompt, problem.test
+
+
+def make_job(sample: dict[str, Any], problem: Problem) -> Job:
+    """The program of ``sample`` (which has at least ``kind`` and ``completion``) for ``problem``."""
+    code, test = code_and_test(sample, problem)
     sentinel = new_sentinel()
-    code_prefix = ("" if problem.task_id.startswith("MBPP/") else problem.prompt) if prefix is None else prefix
-    program = BUILDERS[problem.language](code_prefix + completion, problem.test if test is None else test,
-                                         problem.extra, sentinel)
-    row = run_program(program, sentinel, limits)
-    row["program_sha256"] = program_digest(program, sentinel)
+    program = BUILDERS[problem.language](code + sample["completion"], test, problem.extra, sentinel)
+    return Job(sample, program, sentinel, program_digest(program, sentinel))
+
+
+def execute(problem: Problem, completion: str, limits: Limits | None = None) -> dict[str, Any]:
+    """One generation sample: the problem's prompt (none for MBPP, whose completion is the whole solution) +
+    ``completion``, then the problem's tests."""
+    job = make_job({"kind": Kind.GENERATION, "completion": completion}, problem)
+    row = run_program(job.program, job.sentinel, limits or Limits())
+    row["program_sha256"] = job.digest
     return row
-
-
-execute_python = execute  # the name the first (Python-only) harness used

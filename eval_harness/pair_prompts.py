@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import inspect
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,12 +21,12 @@ from common.contracts import PairLayout
 from data_pipeline.languages import get_language
 from data_pipeline.pairs import pair_prompt
 from data_pipeline.whitespace import normalize, restore
-from eval_harness.datasets import Problem
+from eval_harness.datasets import Problem, is_mbpp
 from eval_harness.stops import truncate
+from eval_harness.tasks import Kind, Task
 
 if TYPE_CHECKING:
     from data_pipeline.tokenizer import CodeTokenizer
-    from eval_harness.tasks import Task
 
 
 def python_prompt_parts(prompt: str) -> tuple[str, str]:
@@ -42,16 +42,16 @@ def python_prompt_parts(prompt: str) -> tuple[str, str]:
 
 
 def supports_pairs(task: Task) -> bool:
-    return task.language == "python" and task.kind in ("generation", "incremental")
+    return task.language == "python" and task.kind in (Kind.GENERATION, Kind.INCREMENTAL)
 
 
 def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairLayout) -> tuple[np.ndarray, np.ndarray, str]:
     """(prompt ids, their modality, the code the prompt already holds) for a Python or MBPP task."""
-    if task.task_id.startswith("MBPP/"):
+    if is_mbpp(task.task_id):
         docstring, code = f"{problem.prompt}\n{problem.test.splitlines()[0]}", ""
     else:
         docstring, code = python_prompt_parts(problem.prompt)
-    if task.kind == "incremental":
+    if task.kind == Kind.INCREMENTAL:
         code_prefix = "".join(problem.canonical_solution.splitlines(keepends=True)[:task.prefix_lines])
     else:
         code_prefix = ""
@@ -78,23 +78,23 @@ def _normalized(code: str) -> str:
 class Prompter:
     """Token ids (and modality) of each task's prompt, and its completion from generated tokens."""
 
-    def __init__(self, tok: Any, problems: dict[str, Any], fmt: Any) -> None:
+    def __init__(self, tok: CodeTokenizer, problems: dict[str, Problem], fmt: PairLayout | None) -> None:
         self.tok, self.problems, self.fmt = tok, problems, fmt
 
-    def uses_pairs(self, task: Any) -> bool:
+    def uses_pairs(self, task: Task) -> bool:
         return self.fmt is not None and supports_pairs(task)
 
-    def encode(self, task: Any) -> tuple[list[int], list[int], str]:
-        if not self.uses_pairs(task):
-            ids = self.tok.encode(task.prompt)
-            return ids, [0] * len(ids), ""
+    def encode(self, task: Task) -> tuple[list[int], list[int], str]:
+        if self.fmt is None or not supports_pairs(task):
+            plain = self.tok.encode(task.prompt)
+            return plain, [0] * len(plain), ""
         ids, modality, code_before = pair_task(self.tok, task, self.problems[task.task_id], self.fmt)
         return ids.tolist(), modality.tolist(), code_before
 
-    def completion(self, task: Any, new: list[int], code_before: str) -> tuple[str, bool]:
+    def completion(self, task: Task, new: list[int], code_before: str) -> tuple[str, bool]:
         """(the completion so far, cut at its end; whether it has ended)."""
         text = self.tok.decode(new)
-        if not self.uses_pairs(task):
+        if self.fmt is None or not supports_pairs(task):
             return truncate(task.language, task.prompt, text)
         ended = "[eoc]" in text
         cut, stopped = truncate("python", "", pair_completion(text, code_before, self.fmt))  # Python's stop rules

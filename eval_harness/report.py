@@ -14,6 +14,7 @@ import numpy as np
 
 from eval_harness.samples import read_results
 from eval_harness.scoring import budget_allocation, score
+from eval_harness.tasks import Kind
 
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
 
@@ -27,8 +28,9 @@ def checkpoint_label(path: Path, rows: list[dict[str, Any]]) -> tuple[int, str]:
 
 def benchmarks_of(scores: dict[str, Any]) -> dict[str, float]:
     """pass@1 of every benchmark in one scores dict: generation per language, translation per pair."""
-    out = {f"HumanEval-X {lang}": v["pass@k"].get(1, np.nan) for lang, v in scores.get("generation", {}).items()}
-    for src, row in scores.get("translation", {}).items():
+    out = {f"HumanEval-X {lang}": v["pass@k"].get(1, np.nan)
+           for lang, v in scores.get(Kind.GENERATION, {}).items()}
+    for src, row in scores.get(Kind.TRANSLATION, {}).items():
         out.update({f"translate {src}->{tgt}": v.get(1, np.nan) for tgt, v in row.items()})
     return out
 
@@ -112,26 +114,26 @@ def markdown(labels: list[str], scores: list[dict[str, Any]], ks: list[int], ext
     for label, s in zip(labels, scores, strict=True):
         lines += [f"## {label}", "", f"{s['samples']} samples; statuses: " +
                   ", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items())), ""]
-        for kind in ("generation", "example"):
+        for kind in (Kind.GENERATION, Kind.EXAMPLE):
             if kind in s:
                 lines += [f"### {kind} pass@k (%)", "", "| language | problems | samples | " +
                           " | ".join(f"pass@{k}" for k in ks) + " |", "|---|---|---|" + "---|" * len(ks)]
                 lines += [f"| {lang} | {v['problems']} | {v['samples']} | " +
                           " | ".join(_pct(v["pass@k"].get(k)) for k in ks) + " |" for lang, v in s[kind].items()]
                 lines.append("")
-        if "translation" in s:
-            tgts = sorted({t for row in s["translation"].values() for t in row})
+        if Kind.TRANSLATION in s:
+            tgts = sorted({t for row in s[Kind.TRANSLATION].values() for t in row})
             lines += ["### translation pass@1 (%), rows: source, columns: target", "",
                       "| source \\ target | " + " | ".join(tgts) + " |", "|---|" + "---|" * len(tgts)]
             lines += [f"| {src} | " + " | ".join(_pct(row.get(t, {}).get(1)) for t in tgts) + " |"
-                      for src, row in s["translation"].items()]
+                      for src, row in s[Kind.TRANSLATION].items()]
             lines.append("")
-        if "incremental" in s:
+        if Kind.INCREMENTAL in s:
             lines += ["### incremental pass@k (%) — micro: every (problem, prefix) prompt weighs the same; macro: "
                       "each problem's prompts averaged first", ""]
             lines += [f"- {lang}: micro " + ", ".join(f"pass@{k} {_pct(v)}" for k, v in inc["micro"].items()) +
                       "; macro " + ", ".join(f"pass@{k} {_pct(v)}" for k, v in inc["macro"].items())
-                      for lang, inc in s["incremental"].items()]
+                      for lang, inc in s[Kind.INCREMENTAL].items()]
             lines.append("")
     return "\n".join(lines + extra) + "\n"
 
@@ -149,13 +151,13 @@ def write_report(paths: list[Path], out: Path, ks: list[int], budget: int = 0) -
     extra: list[str] = []
     figures: list[str] = []
     last = scores[-1]
-    if "generation" in last:
+    if Kind.GENERATION in last:
         figures.append(svg_bars(f"pass@k by language — {labels[-1]}",
                                 {lang: {f"pass@{k}": v for k, v in val["pass@k"].items()}
-                                 for lang, val in last["generation"].items()}))
-    if "translation" in last:
+                                 for lang, val in last[Kind.GENERATION].items()}))
+    if Kind.TRANSLATION in last:
         figures.append(svg_heatmap(f"translation pass@1 — {labels[-1]}",
-                                   {s: {t: v.get(1, 0.0) for t, v in row.items()} for s, row in last["translation"].items()}))
+                                   {s: {t: v.get(1, 0.0) for t, v in row.items()} for s, row in last[Kind.TRANSLATION].items()}))
     figures.append(svg_bars("outcomes", {labels[-1]: {k: float(v) for k, v in last["statuses"].items()}}, percent=False))
     if len(runs) > 1:
         per = [benchmarks_of(s) for s in scores]

@@ -9,17 +9,25 @@ status 0 (``sys.exit(0)``, ``exit(0)``, ``System.exit(0)``, ``process.exit(0)``,
 - JavaScript: ``console.assert`` only prints on failure, so it is replaced by one that throws (ordinary printing is
   untouched); the sentinel is the program's last statement.
 - Go: a ``TestMain`` prints the sentinel (``println``, no import needed) when every test passed.
+
+What every program of a language shares is built once per machine (:func:`build_once`): the C++ precompiled header,
+the copy of JavaScript's node modules, the warm Go build cache.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.io import make_read_only
 
 REPO = Path(__file__).resolve().parents[1]
 GO_PACKAGES = ["math", "strings", "fmt", "strconv", "sort", "bytes", "regexp", "time", "math/rand", "crypto/md5", "os",
@@ -38,6 +46,30 @@ class Program:
     sentinel_on_stderr: bool = False
     linked: dict[str, str] = field(default_factory=dict)  # work-dir name -> read-only tree to hard-link there
     unit: str = ""  # the program without its runner, for languages built in batches (Go: see eval_harness.gobatch)
+
+
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built the first time it is asked for: ``build(staging)`` fills a fresh directory beside it, which
+    is marked READY, made read-only and renamed into place, so a reader sees a whole tree or none. Builders in other
+    threads or processes wait on a lock beside it, then find it READY; a tree left without READY (an interrupted
+    older build) is replaced."""
+    if (target / "READY").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "READY").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(staging)
+            (staging / "READY").touch()
+            make_read_only(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # only there when the build failed
+    return target
 
 
 def link_tree(source: Path, target: Path) -> None:
@@ -73,25 +105,22 @@ def cpp_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> P
 
 
 CXXFLAGS = ["-std=c++17", "-O0"]
+PCH_HEADER = "codegeex_common.h"
 PCH_HEADERS = ["stdio.h", "math.h", "stdlib.h", "assert.h", "algorithm", "vector", "string", "cstdio"]
 
 
 def cpp_pch() -> str:
     """A precompiled header of what nearly every HumanEval-X C++ program includes, built once with the same flags,
     root-owned and read-only; ``-include`` makes g++ load it (or, if the flags ever differ, read the plain header)."""
-    root = Path(os.environ.get("CODEGEEX_PCH_DIR", "/var/lib/codegeex/pch"))
-    header = root / "codegeex_common.h"
-    if (root / "READY").exists():
-        return str(header)
-    root.mkdir(parents=True, exist_ok=True)
+    root = build_once(Path(os.environ.get("CODEGEEX_PCH_DIR", "/var/lib/codegeex/pch")), _build_pch)
+    return str(root / PCH_HEADER)
+
+
+def _build_pch(root: Path) -> None:
+    header = root / PCH_HEADER
     header.write_text("".join(f"#include <{h}>\n" for h in PCH_HEADERS))
-    tmp = root / f"codegeex_common.h.gch.{os.getpid()}"
-    subprocess.run(["g++", *CXXFLAGS, "-x", "c++-header", str(header), "-o", str(tmp)], check=True, capture_output=True)
-    for path in (header, tmp):
-        path.chmod(0o644)
-    os.replace(tmp, root / "codegeex_common.h.gch")
-    (root / "READY").touch()
-    return str(header)
+    subprocess.run(["g++", *CXXFLAGS, "-x", "c++-header", str(header), "-o", f"{header}.gch"], check=True,
+                   capture_output=True)
 
 
 JVM = ["-Xmx1g", "-Xss16m", "-XX:ReservedCodeCacheSize=64m", "-XX:CompressedClassSpaceSize=64m",
@@ -119,17 +148,9 @@ def node_path() -> str:
     beside the work directories."""
     source = REPO / ".venv" / "node" / "node_modules"
     target = Path(os.environ.get("CODEGEEX_NODE_MODULES", "/var/lib/codegeex/node_modules"))
-    if (target / "js-md5").is_dir() or not (source / "js-md5").is_dir() or os.geteuid() != 0:
-        return str(target) if (target / "js-md5").is_dir() else str(source)
-    staging = target.with_name(f"{target.name}.{os.getpid()}")
-    shutil.copytree(source, staging, dirs_exist_ok=True)
-    for path in [staging, *staging.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    if target.exists():  # another process got there first
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, target)
-    return str(target)
+    if (source / "js-md5").is_dir() and os.geteuid() == 0:
+        return str(build_once(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True)))
+    return str(target) if (target / "js-md5").is_dir() else str(source)
 
 
 def js_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
@@ -144,26 +165,17 @@ GO_ENV = {"GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOFLAGS": "-buil
 def go_cache() -> str:
     """A warm, read-only Go build cache (the standard library, testify), built once. Each program compiles with its
     own cache made of hard links to it: nothing is rebuilt, and no program can alter what the next one links."""
-    root = Path(os.environ.get("CODEGEEX_GOCACHE", "/var/lib/codegeex/gocache"))
-    if (root / "READY").exists():
-        return str(root)
-    warm = root.with_name(root.name + ".building")
-    shutil.rmtree(warm, ignore_errors=True)
-    (warm / "src").mkdir(parents=True)
+    return str(build_once(Path(os.environ.get("CODEGEEX_GOCACHE", "/var/lib/codegeex/gocache")), _warm_go_cache))
+
+
+def _warm_go_cache(cache: Path) -> None:
     imports = "".join(f'    _ "{p}"\n' for p in GO_PACKAGES)
-    (warm / "src" / "main_test.go").write_text(
-        f'package main\n\nimport (\n    "testing"\n    "github.com/stretchr/testify/assert"\n{imports})\n\n'
-        "func TestWarm(t *testing.T) { assert.Equal(t, 1, 1) }\n")
-    subprocess.run(["go", "test", "-c", "-o", "warm.bin", "main_test.go"], cwd=warm / "src", check=True,
-                   env={**os.environ, **GO_ENV, "GOCACHE": str(warm / "cache")}, capture_output=True)
-    shutil.rmtree(warm / "src")
-    for path in [warm, *warm.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    (warm / "cache" / "READY").touch()
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(warm / "cache", root)
-    shutil.rmtree(warm, ignore_errors=True)
-    return str(root)
+    with tempfile.TemporaryDirectory(prefix=".gowarm-", dir=cache.parent) as src:
+        (Path(src) / "main_test.go").write_text(
+            f'package main\n\nimport (\n    "testing"\n    "github.com/stretchr/testify/assert"\n{imports})\n\n'
+            "func TestWarm(t *testing.T) { assert.Equal(t, 1, 1) }\n")
+        subprocess.run(["go", "test", "-c", "-o", "warm.bin", "main_test.go"], cwd=src, check=True,
+                       env={**os.environ, **GO_ENV, "GOCACHE": str(cache)}, capture_output=True)
 
 
 def go_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:

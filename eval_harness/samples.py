@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from common.io import read_jsonl
+from eval_harness.tasks import Kind, sample_key
 
 PREFIX_LANGUAGE = {"python": "python", "cpp": "cpp", "java": "java", "javascript": "js", "js": "js", "go": "go",
                    "rust": "rust", "mbpp": "python"}
-KINDS = ("generation", "translation", "incremental", "example")
 
 
 def language_of(task_id: str) -> str:
@@ -37,17 +37,16 @@ def normalise(sample: dict[str, Any], where: str) -> dict[str, Any]:
     for field in ("task_id", "completion"):
         if not isinstance(sample.get(field), str):
             raise ValueError(f"{where}: field {field!r} missing or not a string")
-    kind = sample.get("kind", "generation")
-    if kind not in KINDS:
-        raise ValueError(f"{where}: kind {kind!r} must be one of {', '.join(KINDS)}")
+    kind = sample.get("kind", Kind.GENERATION)
+    if kind not in tuple(Kind):
+        raise ValueError(f"{where}: kind {kind!r} must be one of {', '.join(Kind)}")
     out = dict(sample)
-    out["kind"] = kind
+    out["kind"] = Kind(kind)
     out.setdefault("language", language_of(sample["task_id"]))
-    if kind == "translation" and not sample.get("source_language"):
+    if kind == Kind.TRANSLATION and not sample.get("source_language"):
         raise ValueError(f"{where}: a translation sample needs source_language")
-    out.setdefault("key", f"{sample['task_id']}|{kind}" + (
-        f"|{sample['source_language']}->{out['language']}" if kind == "translation" else "") + (
-        f"|{sample.get('prefix_lines', 0)}" if kind == "incremental" else ""))
+    out.setdefault("key", sample_key(sample["task_id"], kind, out["language"], sample.get("source_language", ""),
+                                     sample.get("prefix_lines", 0)))
     return out
 
 

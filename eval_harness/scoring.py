@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from eval_harness.metrics import counts_by, incremental_pass_at_k, mean_pass_at_k
+from eval_harness.tasks import Kind
 
 DEFAULT_KS = (1, 10, 100)
 
@@ -20,7 +21,7 @@ def score(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> dict[st
     for r in rows:
         by_kind[r["kind"]].append(r)
     out: dict[str, Any] = {"samples": len(rows), "statuses": dict(Counter(r["status"] for r in rows))}
-    for kind in ("generation", "example"):
+    for kind in (Kind.GENERATION, Kind.EXAMPLE):
         per_lang: dict[str, Any] = {}
         for lang in sorted({r["language"] for r in by_kind[kind]}):
             lang_rows = [r for r in by_kind[kind] if r["language"] == lang]
@@ -30,18 +31,18 @@ def score(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> dict[st
                               "statuses": dict(Counter(r["status"] for r in lang_rows))}
         if per_lang:
             out[kind] = per_lang
-    if by_kind["translation"]:
+    if by_kind[Kind.TRANSLATION]:
         matrix: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
-        pairs = {(r["source_language"], r["language"]) for r in by_kind["translation"]}
+        pairs = {(r["source_language"], r["language"]) for r in by_kind[Kind.TRANSLATION]}
         for src, tgt in sorted(pairs):
-            sel = [r for r in by_kind["translation"] if (r["source_language"], r["language"]) == (src, tgt)]
+            sel = [r for r in by_kind[Kind.TRANSLATION] if (r["source_language"], r["language"]) == (src, tgt)]
             matrix[src][tgt] = mean_pass_at_k(counts_by(sel, "key").values(), ks)
-        out["translation"] = dict(matrix)
-    if by_kind["incremental"]:
-        out["incremental"] = {}
-        for lang in sorted({r["language"] for r in by_kind["incremental"]}):
-            sel = [r for r in by_kind["incremental"] if r["language"] == lang]
-            out["incremental"][lang] = incremental_pass_at_k(sel, ks)
+        out[Kind.TRANSLATION] = dict(matrix)
+    if by_kind[Kind.INCREMENTAL]:
+        out[Kind.INCREMENTAL] = {}
+        for lang in sorted({r["language"] for r in by_kind[Kind.INCREMENTAL]}):
+            sel = [r for r in by_kind[Kind.INCREMENTAL] if r["language"] == lang]
+            out[Kind.INCREMENTAL][lang] = incremental_pass_at_k(sel, ks)
     return out
 
 
@@ -49,7 +50,7 @@ def budget_allocation(rows: list[dict[str, Any]], budget: int, trials: int = 200
     """CodeGeeX's multilingual budget allocation: ``budget`` samples per problem spread over the languages, uniformly
     or weighted by each language's pass rate; the share of problems solved in at least one language, against the best
     single language with the whole budget. Estimated by drawing samples without replacement from the results."""
-    gen = [r for r in rows if r["kind"] == "generation"]
+    gen = [r for r in rows if r["kind"] == Kind.GENERATION]
     langs = sorted({r["language"] for r in gen})
     outcomes: dict[tuple[int, str], list[bool]] = defaultdict(list)
     for r in gen:

@@ -5,6 +5,9 @@ Layout::
     DIR/manifest.json                  format, model config, TP size, step, tokenizer, git revision, tensor specs
     DIR/model-tp00-of-02.safetensors   one file per tensor-parallel rank
 
+A directory of checkpoints names its newest in a ``latest`` file (:func:`latest_pointer`, :func:`point_latest`):
+training writes one under its checkpoint root (:mod:`megatron_code.train_checkpoint`).
+
 A tensor's spec gives its full shape and the dimension it is split along (None: replicated). Loading into another
 TP size reads, for each rank, only the slices it needs (safetensors reads slices without loading whole files).
 Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
@@ -13,10 +16,10 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -37,6 +40,8 @@ from common.revision import git_revision
 from megatron_code.config import ModelConfig
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
+
+LATEST = "latest"  # the pointer file's name
 
 
 def shard_name(rank: int, tp: int) -> str:
@@ -78,14 +83,30 @@ def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, token
                                           objective))
 
 
+def latest_pointer(root: Path) -> Path | None:
+    """The directory ``root``'s ``latest`` pointer names, or None when there is no pointer or no such directory."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make ``root``'s ``latest`` pointer name ``name`` (written beside it, then renamed over it: never half-written)."""
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """The model directory of a model directory, a training step directory (``step-N/model``), a checkpoint root or
     a run directory (the last two through their ``latest`` pointer)."""
     p = Path(path)
     for root in (p, p / "checkpoints"):
-        pointer = root / "latest"
-        if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
-            p = root / pointer.read_text().strip()
+        latest = latest_pointer(root)
+        if latest is not None:
+            p = latest
             break
     for candidate in (p, p / "model"):
         if (candidate / MANIFEST).is_file():
@@ -97,8 +118,8 @@ def read_manifest(path: str | Path) -> CheckpointManifest:
     return load_checkpoint_manifest(path)
 
 
-def model_config(manifest: CheckpointManifest, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    return load_config(ModelConfig, values={**manifest.model, **(overrides or {})})
+def model_config(manifest: CheckpointManifest) -> ModelConfig:
+    return load_config(ModelConfig, values=manifest.model)
 
 
 def _slice(spec: TensorSpec, old_tp: int, new_tp: int, rank: int,
@@ -168,9 +189,9 @@ def load_parameters(model: CodeGeeXModel, state: dict[str, Tensor], source: str)
             p.copy_(state[name])
 
 
-def load_model(path: str | Path, pc: ParallelContext, overrides: dict[str, Any] | None = None) -> CodeGeeXModel:
+def load_model(path: str | Path, pc: ParallelContext) -> CodeGeeXModel:
     """Build the model a checkpoint describes, for this parallel context, and load it."""
-    cfg = model_config(read_manifest(path), overrides)
+    cfg = model_config(read_manifest(path))
     model = CodeGeeXModel(cfg, pc, initialize=False)
     load_parameters(model, load_shard(path, pc.tp_rank, pc.tp_size), str(path))
     return model

@@ -103,9 +103,9 @@ def to_codegeex(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Any]:
     return {"module": {"language_model": lm}}
 
 
-def from_codegeex(flat: dict[str, Tensor], head_dim: int = 128, fused_qkv: bool = False,
-                  dropout: float = 0.0) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """CodeGeeX tensors -> (the model config their shapes give, our TP=1 state)."""
+def from_codegeex(flat: dict[str, Tensor], head_dim: int = 128,
+                  fused_qkv: bool = False) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """CodeGeeX tensors -> (the model config their shapes give, without dropout; our TP=1 state)."""
     state = {_rename(k, _PREFIXES): v for k, v in flat.items()}
     vocab, hidden = state["word_embeddings.weight"].shape
     layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
@@ -114,7 +114,7 @@ def from_codegeex(flat: dict[str, Tensor], head_dim: int = 128, fused_qkv: bool 
         "ffn_hidden_size": state["layers.0.mlp.dense_h_to_4h.weight"].shape[0], "vocab_size": vocab,
         "max_position_embeddings": state["position_embeddings.weight"].shape[0],
         "top_query_layer": "top_query_layer.attention.query.weight" in state, "fused_qkv": fused_qkv,
-        "hidden_dropout": dropout, "attention_dropout": dropout,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0,
         "params_dtype": {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(
             state["word_embeddings.weight"].dtype, "float32")})
     return cfg, (_fuse(state, cfg.num_attention_heads) if fused_qkv else state)

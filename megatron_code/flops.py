@@ -107,8 +107,7 @@ def activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, seq_len: int, 
 
 
 def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int = 0, micro_batch: int = 1,
-                    seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off",
-                    optimizer_bytes_per_param: int | None = None) -> MemoryEstimate:
+                    seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off") -> MemoryEstimate:
     """Memory of training one rank: ``precision`` of weights and gradients; Adam keeps fp32 master weights (when the
     precision is not fp32), m and v, i.e. 12 bytes a parameter (8 in fp32), sharded over DP by ZeRO 1 and up;
     ZeRO 2 also shards gradients, ZeRO 3 also parameters. The peak comes at the start of backward, when the logits
@@ -117,7 +116,7 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     split = counts["word_embeddings"] + counts["attention"] + counts["mlp"]  # divided by TP (biases approximately)
     params_local = split / tp + (counts["total"] - split)
     w = BYTES[precision]
-    opt_bytes = optimizer_bytes_per_param if optimizer_bytes_per_param is not None else (8 if w == 4 else 12)
+    opt_bytes = 8 if w == 4 else 12
     parameters = params_local * w / (dp if zero_stage >= 3 else 1)
     gradients = params_local * w / (dp if zero_stage >= 2 else 1)
     optimizer = params_local * opt_bytes / (dp if zero_stage >= 1 else 1)

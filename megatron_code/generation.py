@@ -3,12 +3,15 @@
 Prompts of different lengths are left-padded: padding gets segment id -1 (never attended to by real tokens) and
 positions start at 0 on each prompt's first real token. Every tensor-parallel rank gathers the full-vocabulary
 logits of the last position and samples with the same seeded generator, so all ranks pick the same token.
+
+:func:`generate_text` is the quick look of ``codegeex model generate``: text in, text out, from a checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,8 +19,11 @@ from torch import Tensor
 
 from common.config import option
 from data_pipeline.packing import PREFIX, TEXT
+from data_pipeline.tokenizer import CodeTokenizer
 from megatron_code.attention import MaskInfo
+from megatron_code.checkpoint import load_model, read_manifest
 from megatron_code.model import CodeGeeXModel, KVCache
+from megatron_code.parallel import single_context
 
 
 @dataclass
@@ -132,3 +138,18 @@ def _prompt_flags(modality: Sequence[Sequence[int]] | None, b: int, longest: int
         if len(m):
             flags[i, longest - len(m):] = torch.tensor(list(m), dtype=torch.long)
     return (flags & TEXT) != 0, ((flags & PREFIX) != 0) if prefix_lm else None
+
+
+def generate_text(checkpoint: str | Path, prompts: Sequence[str], cfg: SamplingConfig,
+                  tokenizer: str | Path | None = None) -> list[str]:
+    """Each prompt followed by its completion, sampled in this process (TP=1) from a checkpoint directory, with
+    ``tokenizer`` (default: the one the checkpoint names)."""
+    tok_path = read_manifest(checkpoint).tokenizer_path(tokenizer, checkpoint)
+    tok = CodeTokenizer(tok_path)
+    model = load_model(checkpoint, single_context())
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's vocab_size "
+                         f"({model.cfg.vocab_size})")
+    outs = generate(model, [tok.encode(p) for p in prompts], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id,
+                    vocab_limit=tok.vocab_size)
+    return [prompt + tok.decode(out) for prompt, out in zip(prompts, outs, strict=True)]

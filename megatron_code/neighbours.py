@@ -7,12 +7,15 @@ replaced (partial); the code space is the shared table, which the output layer u
 
 from __future__ import annotations
 
-import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data_pipeline.tokenizer import META_SPACE, CodeTokenizer
+from megatron_code.checkpoint import full_state, resolve_model_dir
 
 log = logging.getLogger("codegeex.model")
 
@@ -32,9 +35,8 @@ def spaces(state: dict[str, Any], model: dict[str, Any]) -> dict[str, np.ndarray
     return {"docstring": doc, "code": code}
 
 
-def token_id(tok: Any, word: str) -> int:
-    from data_pipeline.tokenizer import META_SPACE
-
+def token_id(tok: CodeTokenizer, word: str) -> int:
+    """The id of ``word`` as one piece of ``tok`` (as it is, or after the word-boundary mark)."""
     for piece in (word, META_SPACE + word):
         i = tok.sp.piece_to_id(piece)
         if tok.sp.id_to_piece(i) == piece:
@@ -109,31 +111,37 @@ def label(piece: str) -> str:
     return piece.replace("\u2581", "_").replace("\t", "\\t").replace("\n", "\\n")
 
 
-def cmd_neighbours(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenizer import CodeTokenizer
-    from megatron_code.checkpoint import full_state, resolve_model_dir
+Neighbours = dict[str, dict[str, list[tuple[str, float]]]]  # space -> query word -> (piece, cosine), nearest first
 
-    ckpt = resolve_model_dir(args.checkpoint)
+
+def token_neighbours(checkpoint: str | Path, tokens: Sequence[str], k: int = 20, output: str | Path = "neighbours.png",
+                     tokenizer: str | Path | None = None) -> Neighbours:
+    """The ``k`` nearest neighbours of each word of ``tokens`` (each one token) in both spaces of a separated
+    checkpoint (a model, step-N, checkpoints or run directory), logged and returned; the t-SNE plot goes to
+    ``output``. ``tokenizer``: default, the one the checkpoint names."""
+    ckpt = resolve_model_dir(checkpoint)
     manifest, state = full_state(ckpt)
-    tok = CodeTokenizer(manifest.tokenizer_path(args.tokenizer, ckpt))
-    tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest.model).items()}
-    queries = [w for w in args.tokens.split(",") if w]
+    tok = CodeTokenizer(manifest.tokenizer_path(tokenizer, ckpt))
+    tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest.model).items()}  # (V, C) each
+    queries = list(tokens)
     ids = [token_id(tok, w) for w in queries]
+    found: Neighbours = {}
     points = {}
     for space, table in tables.items():
-        unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)  # once per space
+        unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)  # (V, C), once per space
         members, groups = [], []
+        found[space] = {}
         for g, i in enumerate(ids):
-            near = nearest(unit, i, args.k)
-            piece = lambda j: label(tok.sp.id_to_piece(j))  # noqa: E731
-            log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece(j)} {s:.2f}" for j, s in near[:10]))
-            for j in [i] + [j for j, _ in near]:
+            near = [(label(tok.sp.id_to_piece(j)), s, j) for j, s in nearest(unit, i, k)]
+            found[space][queries[g]] = [(piece, s) for piece, s, _ in near]
+            log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece} {s:.2f}" for piece, s, _ in near[:10]))
+            for j in [i] + [j for _, _, j in near]:
                 members.append(j)
                 groups.append(g)
-        xy = tsne(table[members])
+        xy = tsne(table[members])  # (N, 2)
         points[space] = (xy, [label(tok.sp.id_to_piece(j)) for j in members], groups)
-    out = Path(args.output)
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(points, queries, out)
     log.info("t-SNE plot: %s", out)
-    return 0
+    return found

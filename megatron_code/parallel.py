@@ -31,12 +31,6 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
 
-    @property
-    def device(self) -> torch.device:
-        if torch.cuda.is_available() and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
 
 def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
     """Initialise torch.distributed from the launcher's environment (torchrun, deepspeed, srun), or as a single

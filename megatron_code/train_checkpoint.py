@@ -24,10 +24,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from common.contracts import StoreManifest
-from megatron_code.checkpoint import save_checkpoint
+from megatron_code.checkpoint import latest_pointer, point_latest, save_checkpoint
 from megatron_code.model import CodeGeeXModel
-
-LATEST = "latest"
 
 
 def _all_finite(model: CodeGeeXModel) -> bool:
@@ -64,9 +62,7 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(name + "\n")
-        os.replace(pointer, root / LATEST)
+        point_latest(root, name)
         done = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -76,11 +72,8 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
 
 def find_latest(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (via ``latest``), or None."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "trainer.json").is_file() else None
+    path = latest_pointer(root)
+    return path if path is not None and (path / "trainer.json").is_file() else None
 
 
 def load_training_checkpoint(path: Path, engine: Any) -> dict[str, Any]:

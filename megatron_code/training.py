@@ -36,7 +36,6 @@ from megatron_code.deepspeed_glue import (
     parameter_groups,
 )
 from megatron_code.flops import flops_per_token
-from megatron_code.modality import fill_separated_ids, init_from_checkpoint
 from megatron_code.model import CodeGeeXModel
 from megatron_code.objectives import (
     ModelInputs,
@@ -47,11 +46,11 @@ from megatron_code.objectives import (
     vocab_parallel_cross_entropy,
 )
 from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
+from megatron_code.stage2 import fill_separated_ids, init_from_checkpoint
 from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
 from megatron_code.train_config import TrainConfig
 
 log = logging.getLogger("codegeex.train")
-
 
 
 class Metrics:
@@ -216,33 +215,74 @@ def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: 
     return float(total[0] / total[1].clamp(min=1))
 
 
+class Throughput:
+    """Tokens/s, step time, TFLOP/s per device, peak memory and MFU over the steps since the last report."""
+
+    def __init__(self, tokens_per_step: int, flops_token: float, world_size: int, peak_tflops: float) -> None:
+        self.tokens_per_step, self.flops_token = tokens_per_step, flops_token
+        self.world_size, self.peak = world_size, peak_tflops
+        self.since, self.steps = time.perf_counter(), 0  # steps: counted by the loop
+
+    def report(self) -> dict[str, float]:
+        """The figures since the last report (``mfu`` only when the device's peak is known); starts a new period."""
+        elapsed = time.perf_counter() - self.since
+        tps = self.tokens_per_step * self.steps / elapsed
+        tflops = tps * self.flops_token / self.world_size / 1e12
+        memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else psutil.Process().memory_info().rss
+        out = {"tokens_per_s": tps, "step_time_s": elapsed / self.steps, "tflops_per_device": tflops,
+               "memory_gb": memory / 2**30}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        self.since, self.steps = time.perf_counter(), 0
+        return out
+
+
+def resume_point(cfg: TrainConfig, engine: Any, sampler: DataSampler) -> tuple[int, int]:
+    """Restore the checkpoint the run continues from (``checkpoint.resume``) into the engine and sampler; returns
+    (its step, the steps skipped so far), (0, 0) when the run starts fresh."""
+    resume = None if cfg.checkpoint.resume == "none" else (
+        find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if resume is None:
+        return 0, 0
+    state = load_training_checkpoint(resume, engine)
+    sampler.state = SamplerState.from_dict(state["sampler"])
+    log.info("resumed from %s at step %d", resume, state["step"])
+    return state["step"], state["skipped_steps"]
+
+
+def step_values(engine: Any, mean: torch.Tensor, skipped_total: int) -> dict[str, Any]:
+    """A step's metrics: loss, learning rate, gradient norm, loss scale, skipped steps so far."""
+    scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0))
+    return {"loss": float(mean.item()), "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "loss_scale": float(scale or 1.0),
+            "skipped_steps": skipped_total}
+
+
+def log_step(step: int, train_steps: int, last: dict[str, Any]) -> None:
+    """One line of a step's metrics and throughput (``last``: :func:`step_values` and :meth:`Throughput.report`)."""
+    mfu = f", MFU {last['mfu']:.1%}" if "mfu" in last else ""
+    log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3f scale %g skipped %d | %.0f tokens/s, %.2f TFLOP/s/device%s",
+             step, train_steps, last["loss"], last["lr"], last["grad_norm"], last["loss_scale"], last["skipped_steps"],
+             last["tokens_per_s"], last["tflops_per_device"], mfu)
+
+
 def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's metrics."""
     pc, model, engine, sampler = build(cfg)
     objective = make_objective(cfg, [(sc.path, s.store.manifest) for s, sc in zip(sampler.sources, cfg.data.sources)])
     device = next(model.parameters()).device
     accumulation = cfg.accumulation(pc.dp_size)
-    root = cfg.checkpoint_dir
-    start, skipped_total = 0, 0
-    resume = None if cfg.checkpoint.resume == "none" else (
-        find_latest(root) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
-    if resume is not None:
-        state = load_training_checkpoint(resume, engine)
-        sampler.state = SamplerState.from_dict(state["sampler"])
-        start, skipped_total = state["step"], state["skipped_steps"]
-        log.info("resumed from %s at step %d", resume, start)
+    start, skipped_total = resume_point(cfg, engine, sampler)
     metrics = Metrics(cfg, pc.rank)
     stop = StopSignal()
     if pc.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
     write_status(cfg, pc, "running", start)
-    tokens_per_step = cfg.data.global_batch_size * (sampler.window - 1)
-    flops_token = flops_per_token(cfg.model, sampler.window - 1)
-    peak = _peak_tflops(cfg)
+    speed = Throughput(cfg.data.global_batch_size * (sampler.window - 1), flops_per_token(cfg.model, sampler.window - 1),
+                       pc.world_size, _peak_tflops(cfg))
     consecutive, stopped_at = 0, cfg.train_steps
     last: dict[str, Any] = {}
-    t_log, steps_since_log = time.perf_counter(), 0
     bar = progress(total=cfg.train_steps, initial=start, desc="train", unit="step", disable=pc.rank != 0)
     for step in range(start + 1, cfg.train_steps + 1):
         micros = [prepare_batch(m, device, objective) for m in _micro_batches(sampler.next_batch(), accumulation)]
@@ -252,24 +292,11 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
         if consecutive >= cfg.faults.max_consecutive_skipped:
             raise RuntimeError(f"stopping: {consecutive} steps in a row skipped for NaN/Inf loss or gradients "
                                f"(faults.max_consecutive_skipped = {cfg.faults.max_consecutive_skipped}); last at step {step}")
-        steps_since_log += 1
-        last = {"loss": float(mean.item()), "lr": float(engine.get_lr()[0]),
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "loss_scale": float(getattr(
-                    engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0)) or 1.0),
-                "skipped_steps": skipped_total}
+        speed.steps += 1
+        last = step_values(engine, mean, skipped_total)
         if step % cfg.log.interval == 0 or step == cfg.train_steps:
-            elapsed = time.perf_counter() - t_log
-            tps = tokens_per_step * steps_since_log / elapsed
-            tflops = tps * flops_token / pc.world_size / 1e12
-            memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else psutil.Process().memory_info().rss
-            last.update(tokens_per_s=tps, step_time_s=elapsed / steps_since_log, tflops_per_device=tflops,
-                        memory_gb=memory / 2**30)
-            if peak:
-                last["mfu"] = tflops / peak
-            log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3f scale %g skipped %d | %.0f tokens/s, %.2f TFLOP/s/device%s",
-                     step, cfg.train_steps, last["loss"], last["lr"], last["grad_norm"], last["loss_scale"],
-                     skipped_total, tps, tflops, f", MFU {last['mfu']:.1%}" if peak else "")
-            t_log, steps_since_log = time.perf_counter(), 0
+            last.update(speed.report())
+            log_step(step, cfg.train_steps, last)
         if cfg.validation.path and step % cfg.validation.interval == 0:
             last["validation_loss"] = validation_loss(cfg, engine, pc, device, objective)
             log.info("step %d validation loss %.4f", step, last["validation_loss"])
@@ -280,7 +307,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
         if step % cfg.checkpoint.interval == 0 or step == cfg.train_steps or stopping:
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
                      "git_revision": git_revision(), "command": command}
-            path = save_training_checkpoint(root, step, engine, model, state, cfg.checkpoint.keep,
+            path = save_training_checkpoint(cfg.checkpoint_dir, step, engine, model, state, cfg.checkpoint.keep,
                                             sampler.sources[0].store.manifest, objective.name)
             log.info("checkpoint %s", path)
         if stopping:
@@ -292,8 +319,5 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             os._exit(17)  # a crash drill: no cleanup, no checkpoint
     bar.close()
     metrics.close()
-    if stopped_at < cfg.train_steps:
-        write_status(cfg, pc, "stopped", stopped_at)
-    else:
-        write_status(cfg, pc, "completed", cfg.train_steps)
+    write_status(cfg, pc, "stopped" if stopped_at < cfg.train_steps else "completed", stopped_at)
     return last

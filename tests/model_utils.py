@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from common.config import load_config
 from common.contracts import LanguageCounts, PairLayout, StoreManifest, TokenizerRecord, write_manifest
@@ -28,10 +27,6 @@ def packed_batch(seed: int = 0, batch: int = 2, window: int = 25, vocab: int = 1
         "document_ids": np.stack([document_ids(s, window) for s in starts]),
         "num_tokens": np.array([window] * (batch - 1) + [window - 4], dtype=np.int32),
     }
-
-
-def seeded(seed: int = 1234) -> None:
-    torch.manual_seed(seed)
 
 
 def synthetic_store(path, windows: int = 64, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> str:

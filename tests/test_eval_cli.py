@@ -165,6 +165,6 @@ def test_mbpp_samples_through_the_cli(tmp_path):
     assert [r["passed"] for r in results if r["sample_index"] == 0] == [True] * 6
     assert [r["status"] for r in results if r["sample_index"] == 1] in (["failed"], ["runtime_error"])
     with pytest.raises(ValueError, match="--mbpp FILE is needed"):
-        from eval_harness.cli import execute_file
+        from eval_harness.execute import ExecuteConfig, execute_file
 
-        execute_file(str(samples), "", "", str(tmp_path / "r2.jsonl"))
+        execute_file(ExecuteConfig(samples, tmp_path / "r2.jsonl"))

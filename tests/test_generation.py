@@ -54,6 +54,15 @@ def test_stop_rules_and_eod(model):
     assert generate(model, [[3, 4]], cfg, pad_id=0, eod_id=eod)[0] == full[:full.index(eod)]
 
 
+def test_model_cli_offers_the_conversion_targets_the_library_has():
+    from typing import get_args
+
+    from megatron_code.cli import CONVERT_TARGETS
+    from megatron_code.convert import Target
+
+    assert get_args(Target) == CONVERT_TARGETS
+
+
 def test_model_cli_info_convert_generate(model, tmp_path, capsys, caplog, tokenizer_model):
     assert main(["model", "info", "--preset", "codegeex-13b"]) == 0
     out = capsys.readouterr().out

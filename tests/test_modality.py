@@ -81,9 +81,9 @@ def run_separated(pc, stage1: str, separation: str, save_to: str | None = None) 
     import torch.distributed as dist
 
     from megatron_code.checkpoint import save_checkpoint
-    from megatron_code.modality import init_from_checkpoint
     from megatron_code.model import CodeGeeXModel
     from megatron_code.objectives import lm_loss
+    from megatron_code.stage2 import init_from_checkpoint
     from tests.test_model_parallel import _gather
 
     torch.manual_seed(5)  # a different init: every weight must come from the checkpoint
@@ -250,10 +250,10 @@ def test_keyword_rows_and_neighbours_of_a_partially_separated_checkpoint(tokeniz
     from data_pipeline.tokenizer import CodeTokenizer
     from launch.cli import main
     from megatron_code.checkpoint import save_checkpoint
-    from megatron_code.modality import keyword_token_ids
     from megatron_code.model import CodeGeeXModel
     from megatron_code.neighbours import token_id
     from megatron_code.parallel import single_context
+    from megatron_code.stage2 import keyword_token_ids
 
     tok = CodeTokenizer(tokenizer_model)
     ids = keyword_token_ids(tokenizer_model, ["Python"])

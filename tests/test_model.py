@@ -126,6 +126,31 @@ def test_native_checkpoint_round_trip_and_meta_reshard_to_8(pc, tmp_path):
     assert shards[0]["layers.0.attention.dense.bias"].shape == (5120,)
 
 
+def test_one_latest_pointer_for_model_dirs_and_training_resume(tmp_path):
+    """resolve_model_dir takes a model, step, checkpoints or run directory; find_latest reads the same pointer."""
+    from common.contracts import MANIFEST
+    from megatron_code.checkpoint import point_latest, resolve_model_dir
+    from megatron_code.train_checkpoint import find_latest
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step-00000001", "step-00000002"):
+        (root / name / "model").mkdir(parents=True)
+        (root / name / "model" / MANIFEST).write_text("{}")
+    point_latest(root, "step-00000001")
+    assert find_latest(root) is None  # no trainer.json: not a complete training checkpoint
+    (root / "step-00000001" / "trainer.json").write_text("{}")
+    assert find_latest(root) == root / "step-00000001"
+    point_latest(root, "step-00000002")
+    assert (root / "latest").read_text() == "step-00000002\n" and not (root / "latest.tmp").exists()
+    want = root / "step-00000002" / "model"
+    for given in (want, want.parent, root, root.parent):
+        assert resolve_model_dir(given) == want
+    point_latest(root, "step-00000003")  # names nothing: the run directory has no checkpoint to offer
+    assert find_latest(root) is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        resolve_model_dir(root.parent)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_codegeex_layout_round_trip(pc, tmp_path, fused):
     model = model_for(pc, fused_qkv=fused).eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval_harness.datasets import load_humaneval_x, load_mbpp
-from eval_harness.execution import execute_python
+from eval_harness.execution import execute
 from eval_harness.sandbox import Limits, isolation_available
 from tests.conftest import shared_path
 
@@ -21,7 +21,7 @@ def python_problems():
 
 def test_all_164_canonical_python_solutions_pass(python_problems):
     with ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda p: execute_python(p, p.canonical_solution), python_problems))
+        rows = list(pool.map(lambda p: execute(p, p.canonical_solution), python_problems))
     failures = [(p.task_id, r["status"], r["output"][-200:]) for p, r in zip(python_problems, rows) if r["status"] != "passed"]
     assert failures == []
 
@@ -29,7 +29,7 @@ def test_all_164_canonical_python_solutions_pass(python_problems):
 def test_mbpp_reference_solutions_pass():
     problems = load_mbpp(shared_path("mbpp", "mbpp.jsonl"))[:20]
     with ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda p: execute_python(p, p.canonical_solution), problems))
+        rows = list(pool.map(lambda p: execute(p, p.canonical_solution), problems))
     assert [r["status"] for r in rows] == ["passed"] * 20
 
 
@@ -48,7 +48,7 @@ CHEATS = {
 @pytest.mark.parametrize("name", list(CHEATS))
 def test_cheating_and_harmful_programs_never_pass(python_problems, name):
     completion, status = CHEATS[name]
-    row = execute_python(python_problems[0], completion, Limits(timeout_s=3, cpu_s=5))
+    row = execute(python_problems[0], completion, Limits(timeout_s=3, cpu_s=5))
     assert row["status"] == status, row
     assert len(row["output"]) <= 4096 + 100
 
@@ -65,15 +65,15 @@ def test_no_network_no_writes_outside_no_fork_bomb(python_problems, tmp_path):
     accepted = []
     threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
     net = f"    import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    return True\n"
-    assert execute_python(python_problems[0], net)["status"] == "runtime_error"
+    assert execute(python_problems[0], net)["status"] == "runtime_error"
     assert accepted == []
     target = tmp_path / "escaped"
     os.chmod(tmp_path, 0o777)
     write = f"    open({str(target)!r}, 'w').write('x'); open('/tmp/escaped-codegeex', 'w').write('x')\n    return True\n"
-    row = execute_python(python_problems[0], write)
+    row = execute(python_problems[0], write)
     assert row["status"] == "failed" or row["status"] == "runtime_error"
     assert not Path("/tmp/escaped-codegeex").exists()
     bomb = "    import os\n    while True:\n        try: os.fork()\n        except OSError: pass\n"
-    row = execute_python(python_problems[0], bomb, Limits(timeout_s=3))
+    row = execute(python_problems[0], bomb, Limits(timeout_s=3))
     assert row["status"] in ("timeout", "runtime_error")
-    assert execute_python(python_problems[0], python_problems[0].canonical_solution)["status"] == "passed"
+    assert execute(python_problems[0], python_problems[0].canonical_solution)["status"] == "passed"
