@@ -40,7 +40,7 @@ setup(
     extras_require={
         # The trainer's stack; pinned to the releases that run on this project's machines.
         "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8", "safetensors>=0.4", "tensorboard", "psutil"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.1", "types-PyYAML", "types-tqdm"],
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.17", "types-PyYAML", "types-tqdm"],
     },
     entry_points={"console_scripts": ["codegeex=launch.cli:main"]},
 )

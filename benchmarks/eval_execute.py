@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval_harness.datasets import load_humaneval_x  # noqa: E402
 from eval_harness.executor import execute_jobs, make_jobs  # noqa: E402
 from eval_harness.sandbox import Limits  # noqa: E402
+from eval_harness.tasks import Kind
 
 WRONG = {"python": "    return None\n", "cpp": "}\n", "java": "        return null;\n    }\n}\n",
          "js": "  return null\n}\n", "go": "    panic(\"no\")\n}\n"}
@@ -72,7 +73,7 @@ def sample_set(problems: dict[str, list], mixed: bool) -> list[dict[str, str]]:
     for lang, probs in problems.items():
         for p in probs:
             completions = [p.canonical_solution] * (2 if mixed else 1) + [WRONG[lang]] * (2 if mixed else 0)
-            rows += [{"task_id": p.task_id, "completion": c, "kind": "generation", "language": lang,
+            rows += [{"task_id": p.task_id, "completion": c, "kind": Kind.GENERATION, "language": lang,
                       "key": p.task_id, "sample_index": i} for i, c in enumerate(completions)]
     return rows
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.devices import peak_tflops_for_cuda_name
+from common.devices import DEVICES, peak_tflops_for_cuda_name
 from megatron_code.attention import MaskInfo
 from megatron_code.config import ModelConfig, load_preset
 from megatron_code.flops import flops_per_token
@@ -158,7 +158,7 @@ def gpu_layers(steps: int) -> None:
     med = statistics.median(times)
     flops = flops_per_token(cfg, seq) * batch * seq
     name = torch.cuda.get_device_name()
-    peak = (peak_tflops_for_cuda_name(name) or 989.0) * 1e12
+    peak = (peak_tflops_for_cuda_name(name) or DEVICES["H100-80"].peak_tflops) * 1e12  # an unknown GPU: as H100
     print(f"4 layers of 13B shape, bf16, batch {batch} x {seq}: {med * 1e3:.1f} ms/step, "
           f"{flops / med / 1e12:.1f} TFLOP/s, MFU {flops / med / peak:.1%} ({torch.cuda.get_device_name()})")
 

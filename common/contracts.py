@@ -161,10 +161,13 @@ def _upgrade_store(data: dict[str, Any]) -> dict[str, Any]:
     """Version 1 -> 2: the pair layout moves out of the build's configuration into its own section."""
     data = dict(data)
     if data.get("schema_version") == 1:
-        extract = data.get("config", {}).get("extract", {})
+        config = data.get("config")
+        extract = config.get("extract") if isinstance(config, dict) else None
+        extract = extract if isinstance(extract, dict) else {}
+        columns = data.get("columns")
         data["pairs"] = ({"order": extract.get("pair_order", "docstring_first"),
-                          "normalize_whitespace": bool(extract.get("normalize_whitespace", False))}
-                         if "modality" in data.get("columns", []) else None)
+                          "normalize_whitespace": extract.get("normalize_whitespace", False)}
+                         if isinstance(columns, list) and "modality" in columns else None)
         data["schema_version"] = 2
     return data
 

@@ -6,7 +6,7 @@ import gzip
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,22 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             yield rec
 
 
-def make_read_only(root: Path) -> None:
+def tree(root: Path, skip: Collection[str] = ()) -> Iterator[Path]:
+    """``root`` and everything under it, not descending into the top-level entries named in ``skip`` (not listed)."""
+    yield root
+    for top, dirs, files in os.walk(root):
+        if Path(top) == root:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        for name in [*dirs, *files]:
+            yield Path(top) / name
+
+
+def make_read_only(root: Path, skip: Collection[str] = ()) -> None:
     """Every file and folder under ``root`` (and ``root``) readable by all, writable by none: directories and
-    executables 0o555, other files 0o444. Symbolic links are left alone."""
-    for path in [root, *root.rglob("*")]:
+    executables 0o555, other files 0o444. Symbolic links, and the top-level entries of ``root`` named in ``skip``
+    (with what they hold), are left alone."""
+    for path in tree(root, skip):
         if path.is_symlink():
             continue
         executable = path.is_dir() or bool(path.stat().st_mode & stat.S_IXUSR)

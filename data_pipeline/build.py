@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from common.config import to_dict
-from common.contracts import MANIFEST, StoreManifest, load_store_manifest, write_manifest
+from common.contracts import MANIFEST, StoreError, StoreManifest, load_store_manifest, write_manifest
 from common.io import write_json_atomic
 from common.logs import progress
 from data_pipeline.config import BuildConfig
@@ -181,7 +181,11 @@ def up_to_date(cfg: BuildConfig) -> StoreManifest | None:
     """The manifest of a finished store built from the same inputs and settings, else None."""
     if not (Path(cfg.output) / MANIFEST).is_file():
         return None
-    manifest = load_store_manifest(cfg.output)
+    try:
+        manifest = load_store_manifest(cfg.output)
+    except StoreError as exc:  # another version or a damaged manifest: not this build's result, so build again
+        log.warning("%s; building the store again", exc)
+        return None
     identity = spool_identity(cfg, CodeTokenizer(cfg.tokenizer))
     same_pack = manifest.config.get("pack") == to_dict(cfg)["pack"]
     return manifest if manifest.identity == identity and same_pack else None

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from common.io import make_read_only
+from common.io import make_read_only, tree
 from eval_harness.execution import Job, result_row, run_program
 from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
 
@@ -32,6 +32,7 @@ class BatchPart(abc.ABC):
     """What one language adds to the batch loop."""
 
     prefix = "codegeex-batch-"  # of the batch's work directory
+    shared: tuple[str, ...] = ()  # top-level folders of the batch linked from a shared cache: left as they are
     max_rounds = 0  # compile rounds before every member left is blamed (0: until the build passes or none is left)
 
     @abc.abstractmethod
@@ -87,13 +88,14 @@ def compile_batch(part: BatchPart, root: Path, members: Members, limits: Limits)
     return blamed, None
 
 
-def seal(root: Path) -> None:
+def seal(root: Path, shared: tuple[str, ...] = ()) -> None:
     """``root`` and everything under it owned by root (when we are root) and read-only: the programs that run next
-    can read the build, not change it."""
+    can read the build, not change it. Folders named in ``shared`` hold hard links into a cache that is read-only
+    already and are not walked (changing them would change the cache)."""
     if os.geteuid() == 0:
-        for path in [root, *root.rglob("*")]:
+        for path in tree(root, shared):
             os.chown(path, 0, 0, follow_symlinks=False)
-    make_read_only(root)
+    make_read_only(root, skip=shared)
 
 
 def run_batch(part: BatchPart, jobs: list[Job], limits: Limits, workers: int, done: Done) -> None:
@@ -121,7 +123,7 @@ def run_batch(part: BatchPart, jobs: list[Job], limits: Limits, workers: int, do
                 else:
                     done(job, row)
         if build is not None:
-            seal(root)
+            seal(root, part.shared)
             built = [(i, job) for i, job in members if i not in blamed]
             futures += _run_members(part, root, built, build.duration_s / len(built), limits, pool, done)
         for future in as_completed(futures):

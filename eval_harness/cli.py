@@ -1,7 +1,8 @@
 """``codegeex eval {execute,canonical,report,generate,watch}``: arguments only. Each command builds the typed
 configuration of its library function from its arguments and calls it (:mod:`eval_harness.execute`,
 :mod:`eval_harness.canonical`, :mod:`eval_harness.report`, :mod:`eval_harness.generate`, :mod:`eval_harness.watch`);
-those are imported when the command runs, so ``codegeex --help`` stays fast."""
+the modules that pull in torch or the runners are imported when the command runs (``generate`` and ``sandbox``, needed
+for the options' defaults, import neither at module level), so ``codegeex --help`` stays fast."""
 
 from __future__ import annotations
 

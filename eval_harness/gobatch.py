@@ -79,6 +79,7 @@ class GoBatch(BatchPart):
 
     prefix = "codegeex-gobuild-"
     max_rounds = 3
+    shared = ("gocache",)  # hard links into the warm build cache (runners.go_cache)
 
     def claims(self, job: Job) -> bool:
         return bool(job.program.unit)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.contracts import MANIFEST
 from eval_harness.execute import ExecuteConfig, execute_file
 from eval_harness.generate import GenerateConfig, generate_samples
 from eval_harness.report import write_report
@@ -32,7 +33,7 @@ class WatchConfig:
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's step-N directories that hold a complete checkpoint, in step order."""
     return sorted(p for p in (run_dir / "checkpoints").glob("step-*")
-                  if (p / "model" / "manifest.json").is_file() or (p / "manifest.json").is_file())
+                  if (p / "model" / MANIFEST).is_file() or (p / MANIFEST).is_file())
 
 
 def evaluate_new_checkpoints(cfg: WatchConfig) -> list[str]:

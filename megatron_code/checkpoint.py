@@ -16,7 +16,6 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from common.contracts import (
     load_checkpoint_manifest,
     write_manifest,
 )
+from common.io import write_text_atomic
 from common.revision import git_revision
 from megatron_code.config import ModelConfig
 from megatron_code.model import CodeGeeXModel
@@ -94,9 +94,7 @@ def latest_pointer(root: Path) -> Path | None:
 
 def point_latest(root: Path, name: str) -> None:
     """Make ``root``'s ``latest`` pointer name ``name`` (written beside it, then renamed over it: never half-written)."""
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    write_text_atomic(root / LATEST, name + "\n")
 
 
 def resolve_model_dir(path: str | Path) -> Path:

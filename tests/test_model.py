@@ -128,14 +128,14 @@ def test_native_checkpoint_round_trip_and_meta_reshard_to_8(pc, tmp_path):
 
 def test_one_latest_pointer_for_model_dirs_and_training_resume(tmp_path):
     """resolve_model_dir takes a model, step, checkpoints or run directory; find_latest reads the same pointer."""
-    from common.contracts import MANIFEST
+    from common.contracts import CheckpointManifest, write_manifest
     from megatron_code.checkpoint import point_latest, resolve_model_dir
     from megatron_code.train_checkpoint import find_latest
 
     root = tmp_path / "run" / "checkpoints"
     for name in ("step-00000001", "step-00000002"):
         (root / name / "model").mkdir(parents=True)
-        (root / name / "model" / MANIFEST).write_text("{}")
+        write_manifest(root / name / "model", CheckpointManifest(model={}, tp_size=1, tensors={}))
     point_latest(root, "step-00000001")
     assert find_latest(root) is None  # no trainer.json: not a complete training checkpoint
     (root / "step-00000001" / "trainer.json").write_text("{}")
