@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from common.config import load_config
+from common.contracts import manifest_to_json
 from data_pipeline.build import run_build
 from data_pipeline.config import BuildConfig
 from data_pipeline.languages import LANGUAGES
@@ -22,6 +23,7 @@ from data_pipeline.tokenizer import CodeTokenizer
 from data_pipeline.whitespace import restore
 from launch.cli import main
 from tests.conftest import shared_path
+from tests.test_contracts import write_raw
 
 
 def build(inputs, tokenizer, out, *overrides, **values):
@@ -81,6 +83,16 @@ def test_shards_are_byte_identical_whatever_the_parallelism(store, corpus, token
                      shard_index=part) is None
     assert main(["data", "merge", str(tmp_path / "parts")]) == 0
     assert shard_bytes(tmp_path / "parts") == reference
+
+
+def test_store_of_a_version_this_code_does_not_read_is_built_again(store, corpus, tokenizer_model, tmp_path, caplog):
+    out = tmp_path / "s"
+    shutil.copytree(store[0], out)
+    write_raw(out, {**manifest_to_json(store[1]), "schema_version": 99})  # as a newer release would write it
+    with caplog.at_level("WARNING"):
+        again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
+    assert "schema_version 99 is not one this code reads" in caplog.text and "building the store again" in caplog.text
+    assert again.schema_version == 2 and shard_bytes(out) == shard_bytes(store[0])
 
 
 def test_finished_store_is_reused_and_spools_removed(store, corpus, tokenizer_model, caplog):
