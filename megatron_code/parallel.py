@@ -92,3 +92,10 @@ def single_context() -> ParallelContext:
         raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
     group = dist.new_group([0])
     return ParallelContext(1, 0, 1, 0, group, group, 0, 1)
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Where tensors handed to ``group``'s collectives must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -25,6 +25,7 @@ from megatron_code.checkpoint import load_parameters, load_shard, model_config, 
 from megatron_code.config import ModelConfig
 from megatron_code.modality import FullSeparation
 from megatron_code.model import CodeGeeXModel
+from megatron_code.parallel import collective_device
 
 SEPARATION_FIELDS = ("embedding_separation", "separated_token_ids")
 FREE_FIELDS = SEPARATION_FIELDS + ("hidden_dropout", "attention_dropout", "attention_backend", "params_dtype")
@@ -114,10 +115,12 @@ def _separate(model: CodeGeeXModel, state: dict[str, Tensor]) -> None:
         state["docstring_embeddings.table.weight"] = shared.clone()  # (V/tp, C)
         return
     start = pc.tp_rank * shared.shape[0]
-    ids = torch.tensor(model.cfg.separated_token_ids, dtype=torch.long)  # (S,)
+    ids = torch.tensor(model.cfg.separated_token_ids, dtype=torch.long, device=shared.device)  # (S,)
     local = (ids >= start) & (ids < start + shared.shape[0])  # (S,): the ids whose rows this rank holds
-    rows = torch.zeros(len(ids), shared.shape[1], dtype=torch.float32)  # (S, C)
+    rows = torch.zeros(len(ids), shared.shape[1], dtype=torch.float32, device=shared.device)  # (S, C)
     rows[local] = shared[ids[local] - start].float()
-    if pc.tp_size > 1:  # every rank contributes the rows it holds
-        dist.all_reduce(rows, group=pc.tp_group)
+    if pc.tp_size > 1:  # every rank contributes the rows it holds, on the device the group's backend works on
+        on_group = rows.to(collective_device(pc.tp_group))
+        dist.all_reduce(on_group, group=pc.tp_group)
+        rows = on_group.to(shared.device)
     state["docstring_embeddings.rows"] = rows.to(shared.dtype)  # (S, C)
