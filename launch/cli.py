@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from common.config import ConfigError
 from common.logs import setup_logging
+from launch.launchers import extensions_dir
 
 # group name -> (module with register(parser), one-line help). Later jobs add their group here.
 GROUPS: dict[str, tuple[str, str]] = {
@@ -41,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if args.group == "train":
+        # a rank started by hand (`torchrun -m launch.cli train ...`, not `codegeex launch`) gets what the launchers
+        # give it: a JIT build, if DeepSpeed ever needs one, goes to this environment, not to a ~/.cache shared with
+        # other environments and their stale locks. Set before the handler imports deepspeed.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     func = getattr(args, "func", None)
     if func is None:
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])

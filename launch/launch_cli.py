@@ -90,7 +90,7 @@ def _start(run_dir: Path, name: str, cmd: list[str], env: dict[str, str], dry_ru
 
 
 def cmd_torchrun(args: argparse.Namespace) -> int:
-    from launch.launchers import parse_endpoint, torchrun_command, worker_environment
+    from launch.launchers import gpus_here, parse_endpoint, torchrun_command, worker_environment
 
     cfg, run_dir, config = _resolve(args.config, args.overrides)
     if args.launcher_name == "local":
@@ -100,16 +100,28 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
         parse_endpoint(args.rdzv)
         cmd = torchrun_command(config, nproc_per_node=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                                rdzv=args.rdzv, run_id=args.run_id or run_dir.name, max_restarts=args.max_restarts)
-    return _start(run_dir, args.launcher_name, cmd, worker_environment(args.nproc), args.dry_run)
+    env = worker_environment(args.nproc, gpus=gpus_here())  # torchrun starts its workers on this machine
+    return _start(run_dir, args.launcher_name, cmd, env, args.dry_run)
 
 
 def cmd_deepspeed(args: argparse.Namespace) -> int:
-    from launch.launchers import deepspeed_command, read_hostfile, worker_environment
+    from launch.launchers import (
+        carry_to_remote_workers,
+        deepspeed_command,
+        gpus_here,
+        read_hostfile,
+        through_runner,
+        worker_environment,
+    )
 
     hosts = read_hostfile(args.hostfile)  # before anything is written
     cfg, run_dir, config = _resolve(args.config, args.overrides)
     cmd = deepspeed_command(config, Path(args.hostfile), master_port=args.master_port)
-    return _start(run_dir, "deepspeed", cmd, worker_environment(hosts[0].slots), args.dry_run)
+    # GPUs or not as on this machine, as DeepSpeed's runner itself decides (its accelerator picks what it forwards)
+    env = worker_environment(hosts[0].slots, gpus=gpus_here())
+    if through_runner(hosts):  # remote nodes get only what the runner forwards: a .deepspeed_env of our own
+        env = carry_to_remote_workers(env, run_dir / "launch" / "deepspeed_env")
+    return _start(run_dir, "deepspeed", cmd, env, args.dry_run)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:

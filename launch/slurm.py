@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError
+from launch.launchers import GPU_ENVIRONMENT, extensions_dir
 
 TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
@@ -70,8 +71,10 @@ def _environment(opts: SlurmOptions) -> list[str]:
     env = {"OMP_NUM_THREADS": f"$(( {threads} / {opts.ranks_per_node} > 0 ? {threads} / {opts.ranks_per_node} : 1 ))",
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
            "NCCL_DEBUG": "${NCCL_DEBUG:-WARN}", "PYTHONUNBUFFERED": "1"}
-    if opts.gpus_per_node:
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # keeps tensor-parallel communication ahead of compute
+    # a value exported at submit time (sbatch passes the environment on) wins over these defaults
+    env["TORCH_EXTENSIONS_DIR"] = f"${{TORCH_EXTENSIONS_DIR:-{shlex.quote(extensions_dir())}}}"
+    if opts.gpus_per_node:  # why each one: launch/launchers.py
+        env.update({key: f"${{{key}:-{value}}}" for key, value in GPU_ENVIRONMENT.items()})
     env.update(opts.env)
     return [f"export {k}={v}" for k, v in env.items()]
 

@@ -76,9 +76,10 @@ def validate_job(config: str, world: int, overrides: list[str]) -> str:
     """Every check, or a ConfigError naming the first that fails; returns a report."""
     from launch.planner import GIB
     from megatron_code.flops import memory_per_rank
-    from megatron_code.train_config import load_train_config
+    from megatron_code.train_config import PRECISION_DTYPES, load_train_config, resolve_precision
 
     cfg = load_train_config(config, overrides)
+    resolve_precision(cfg, torch.cuda.is_available())
     if world % cfg.tp:
         raise ConfigError(f"world size ({world}) must be a multiple of tp ({cfg.tp})")
     seq, notes = _data_window(cfg)
@@ -91,9 +92,8 @@ def validate_job(config: str, world: int, overrides: list[str]) -> str:
         if dist.is_initialized():
             dist.destroy_process_group()
     dp = world // cfg.tp
-    precision = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.precision.dtype]
     mem = memory_per_rank(cfg.model, cfg.tp, dp, cfg.zero_stage if dp > 1 else 0, cfg.micro_batch_size, seq,
-                          precision, cfg.activation_checkpointing)
+                          PRECISION_DTYPES[cfg.precision.dtype], cfg.activation_checkpointing)
     lines = [f"{config}: valid for {world} ranks = TP {cfg.tp} x DP {dp}; global batch "
              f"{cfg.data.global_batch_size} = micro-batch {cfg.micro_batch_size} x accumulation "
              f"{rows[0]['accumulation']} x DP {dp}; sequence {seq}; ZeRO stage {rows[0]['zero_stage']}",

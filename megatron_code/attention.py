@@ -8,21 +8,34 @@ cache, so queries are the last Tq of Tk positions)::
 ``seg`` holds document ids (padding gets its own id, -1 for left padding in generation); ``prefix`` marks the
 docstring prefix of PREFIX-CODE-CLM. Backends:
 
-- ``sdpa``: a dense boolean mask given to ``scaled_dot_product_attention``; any device.
-- ``flex``: FlexAttention with a block mask built from the same rule (compiled on GPU; forward-only on CPU).
-- ``flash``: flash-attn's variable-length kernel over the document segments (GPU, no prefix, no cache).
+- ``sdpa``: a dense additive mask given to ``scaled_dot_product_attention``; any device, any use.
+- ``flex``: FlexAttention with one block mask per batch from the same rule (compiled on GPU; forward-only on CPU);
+  no attention dropout.
+- ``flash``: flash-attn's variable-length kernel over the document segments (GPU; no prefix, no cache).
 
-A backend asked for and not available raises; nothing falls back to plain causal attention.
+The backend is resolved once, when the model is built, for each *use* (:data:`USES`): ``train`` (causal documents),
+``prefix`` (PREFIX-CODE-CLM's bidirectional docstring) and ``cache`` (generation with a KV cache). A use never gets a
+backend that cannot run it: ``auto`` picks flash, then flex (without attention dropout), then sdpa on GPU and sdpa on
+CPU; an explicit backend that cannot run a use leaves that use to what ``auto`` would pick, said once in the log. A
+backend asked for and not installed raises; nothing falls back to plain causal attention.
+
+Per-batch metadata lives in :class:`MaskInfo`, built once per batch on the host from the sampler's document ids
+(:meth:`MaskInfo.from_documents`): flash's ``cu_seqlens`` and ``max_seqlen``; the dense mask and flex's block mask
+are built by the first layer and reused by every other one (and by recomputation in backward).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +44,19 @@ class MaskInfo:
 
     segment_ids: Tensor  # (B, Tk) int: the document of every key position (cache included)
     prefix: Tensor | None = None  # (B, Tk) bool: positions inside a bidirectional prefix
+    cu_seqlens: Tensor | None = None  # (N + 1,) int32: starts of the N documents in the flattened (B * T) batch
+    max_seqlen: int = 0  # the longest document, known on the host (flash)
+
+    @classmethod
+    def from_documents(cls, document_ids: np.ndarray, device: torch.device | str = "cpu",
+                       prefix: Tensor | None = None) -> MaskInfo:
+        """From the sampler's (B, T) document ids, on the host: segments, and flash's metadata without a device
+        round trip (the ids are copied to ``device`` once, asynchronously from pinned memory on a GPU)."""
+        doc = np.asarray(document_ids)
+        starts = np.ones(doc.shape, dtype=bool)  # (B, T): every row starts a document
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        cu = np.append(np.flatnonzero(starts.reshape(-1)), doc.size).astype(np.int32)  # (N + 1,)
+        return cls(to_device(doc.astype(np.int64), device), prefix, to_device(cu, device), int(np.diff(cu).max()))
 
     def dense(self, tq: int) -> Tensor:
         """(B, 1, Tq, Tk) bool mask: True where attention is allowed (built once, shared by every layer)."""
@@ -62,6 +88,35 @@ class MaskInfo:
         return allowed[:, None]
 
 
+    def block_mask(self, tq: int, tk: int, device: torch.device) -> Any:
+        """FlexAttention's block mask for these segments (built once per batch and shape, shared by every layer)."""
+        cached = self.__dict__.get("_block")
+        if cached is not None and cached[0] == (tq, tk):
+            return cached[1]
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg, prefix, offset = self.segment_ids, self.prefix, tk - tq
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
+            same = seg[b, qi + offset] == seg[b, kj]
+            ok = kj <= qi + offset
+            if prefix is not None:
+                ok = ok | (prefix[b, qi + offset] & prefix[b, kj])
+            return same & ok
+
+        block = create_block_mask(mask_mod, seg.shape[0], None, tq, tk, device=device)
+        self.__dict__["_block"] = ((tq, tk), block)
+        return block
+
+
+def to_device(array: np.ndarray, device: torch.device | str) -> Tensor:
+    """A host array on ``device``: through pinned memory and a non-blocking copy on a GPU (no host sync)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def flash_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -70,15 +125,38 @@ def flash_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend to use for ``name`` on ``device``; raises when an explicit choice cannot run here."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "flash" if flash_available() else "flex"
-        return "sdpa"
+USES = ("train", "prefix", "cache")
+
+
+def can_run(backend: str, use: str, dropout: float, device: torch.device) -> bool:
+    """Whether ``backend`` computes ``use`` (with attention dropout ``dropout`` in training) on ``device``."""
+    if backend == "flash":
+        return use == "train" and device.type == "cuda"
+    if backend == "flex":
+        return use == "cache" or dropout == 0.0
+    return backend == "sdpa"
+
+
+def resolve_backends(name: str, device: torch.device, dropout: float) -> dict[str, str]:
+    """The backend of every use for ``attention_backend`` ``name`` on ``device``; raises when an explicit choice is
+    not installed here."""
     if name == "flash" and not flash_available():
         raise RuntimeError("attention_backend 'flash' needs the flash-attn package and a CUDA device")
-    return name
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"attention_backend {name!r} must be one of auto, {', '.join(BACKENDS)}")
+    auto = ["sdpa"]
+    if device.type == "cuda":
+        auto = (["flash"] if flash_available() else []) + ["flex", "sdpa"]
+    chosen: dict[str, str] = {}
+    for use in USES:
+        if name != "auto" and can_run(name, use, dropout, device):
+            chosen[use] = name
+            continue
+        # generation's query and key lengths change every step: compiled flex would recompile for each
+        chosen[use] = next(b for b in auto if can_run(b, use, dropout, device) and not (use == "cache" and b == "flex"))
+        if name != "auto":
+            log.info("attention_backend %r cannot run %s attention here; that use takes %r", name, use, chosen[use])
+    return chosen
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: MaskInfo, scale: float, dropout: float) -> Tensor:
@@ -91,24 +169,13 @@ _compiled_flex: Any = None
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, mask: MaskInfo, scale: float, dropout: float) -> Tensor:
-    """FlexAttention with a block mask from the same rule (no dropout support)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """FlexAttention with the batch's block mask (no dropout support)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if dropout > 0:
         raise RuntimeError("attention_backend 'flex' has no attention dropout; set attention_dropout=0 or use 'sdpa'")
-    seg, prefix = mask.segment_ids, mask.prefix
-    tq, tk = q.shape[2], k.shape[2]
-    offset = tk - tq
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
-        same = seg[b, qi + offset] == seg[b, kj]
-        ok = kj <= qi + offset
-        if prefix is not None:
-            ok = ok | (prefix[b, qi + offset] & prefix[b, kj])
-        return same & ok
-
-    block = create_block_mask(mask_mod, q.shape[0], None, tq, tk, device=q.device)
+    block = mask.block_mask(q.shape[2], k.shape[2], q.device)
     fn = flex_attention
     if q.device.type == "cuda":
         if _compiled_flex is None:
@@ -118,22 +185,19 @@ def flex(q: Tensor, k: Tensor, v: Tensor, mask: MaskInfo, scale: float, dropout:
 
 
 def flash(q: Tensor, k: Tensor, v: Tensor, mask: MaskInfo, scale: float, dropout: float) -> Tensor:
-    """flash-attn varlen over contiguous document segments: causal within each, nothing across."""
+    """flash-attn varlen over the batch's document segments (``mask.cu_seqlens``): causal within each, nothing
+    across."""
     from flash_attn import flash_attn_varlen_func
 
     if mask.prefix is not None or q.shape[2] != k.shape[2]:
         raise RuntimeError("attention_backend 'flash' supports neither a bidirectional prefix nor a KV cache; use 'flex'")
+    if mask.cu_seqlens is None:
+        raise ValueError("flash attention needs the batch's cu_seqlens: build the mask with MaskInfo.from_documents")
     b, h, t, d = q.shape
-    seg = mask.segment_ids  # (B, T)
-    starts = torch.ones_like(seg, dtype=torch.bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    flat_starts = torch.nonzero(starts.reshape(-1)).squeeze(1)
-    cu = torch.cat([flat_starts, torch.tensor([b * t], device=seg.device)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    pack = lambda x: x.transpose(1, 2).reshape(b * t, h, d)  # noqa: E731
-    out = flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, max_len, max_len, dropout_p=dropout,
-                                 softmax_scale=scale, causal=True)
-    return out.reshape(b, t, h, d).transpose(1, 2)
+    pack = lambda x: x.transpose(1, 2).reshape(b * t, h, d)  # noqa: E731  (B*T, H, D)
+    out = flash_attn_varlen_func(pack(q), pack(k), pack(v), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
+                                 mask.max_seqlen, dropout_p=dropout, softmax_scale=scale, causal=True)
+    return out.reshape(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
 
 
 BACKENDS = {"sdpa": sdpa, "flex": flex, "flash": flash}

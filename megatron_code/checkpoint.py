@@ -188,8 +188,10 @@ def load_parameters(model: CodeGeeXModel, state: dict[str, Tensor], source: str)
 
 
 def load_model(path: str | Path, pc: ParallelContext) -> CodeGeeXModel:
-    """Build the model a checkpoint describes, for this parallel context, and load it."""
+    """Build the model a checkpoint describes, for this parallel context, and load it (for inference: without
+    sequence parallelism, which a KV cache's one-token steps cannot split)."""
     cfg = model_config(read_manifest(path))
+    cfg.sequence_parallel = False
     model = CodeGeeXModel(cfg, pc, initialize=False)
     load_parameters(model, load_shard(path, pc.tp_rank, pc.tp_size), str(path))
     return model

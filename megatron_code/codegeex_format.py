@@ -116,5 +116,5 @@ def from_codegeex(flat: dict[str, Tensor], head_dim: int = 128,
         "top_query_layer": "top_query_layer.attention.query.weight" in state, "fused_qkv": fused_qkv,
         "hidden_dropout": 0.0, "attention_dropout": 0.0,
         "params_dtype": {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(
-            state["word_embeddings.weight"].dtype, "float32")})
+            state["word_embeddings.weight"].dtype, "auto")})  # fp32 weights: whatever precision trains them next
     return cfg, (_fuse(state, cfg.num_attention_heads) if fused_qkv else state)

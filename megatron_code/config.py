@@ -30,7 +30,12 @@ class ModelConfig:
     attention_backend: Literal["auto", "sdpa", "flex", "flash"] = option(
         "auto", "sdpa: dense mask, any device; flex: FlexAttention block mask (GPU); flash: flash-attn varlen (GPU); "
         "auto: flash, then flex on GPU, sdpa on CPU")
-    params_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype")
+    params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "parameter dtype; auto: the training precision's (float32 outside training)")
+    sequence_parallel: bool = option(False, "Megatron's sequence parallelism (TP > 1): LayerNorm, dropout, bias and "
+                                     "residual work and their activations split over the sequence, [s, b, h] layout")
+    fused_elementwise: bool = option(True, "on GPUs, bias + FastGELU and bias + dropout + add as single compiled "
+                                     "kernels (torch.compile); the CPU runs the plain path")
     embedding_separation: Literal["none", "full", "partial"] = option(
         "none", "modality-relative embeddings (PanGu-Coder): full: a second vocab-parallel table for docstring tokens; "
         "partial: own docstring rows only for separated_token_ids; the output layer stays tied to the code table")

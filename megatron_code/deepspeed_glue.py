@@ -50,22 +50,30 @@ class MPUAdapter:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
-def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
-    p = cfg.precision
+def deepspeed_config(cfg: TrainConfig, dp: int, cuda: bool | None = None) -> dict[str, Any]:
+    """The engine's configuration. ``cfg.precision.dtype`` must be resolved (:func:`resolve_precision`)."""
+    p, z = cfg.precision, cfg.zero
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    stage = effective_zero_stage(cfg.zero_stage, dp, p.dtype)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(reduce_bucket_size=z.reduce_bucket_size, allgather_bucket_size=z.allgather_bucket_size,
+                    contiguous_gradients=z.contiguous_gradients and stage >= 2,
+                    overlap_comm=z.overlap_comm and cuda and stage >= 2)  # overlap uses CUDA streams
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.accumulation(dp),
         "train_batch_size": cfg.data.global_batch_size,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
-            "weight_decay": cfg.optim.weight_decay, "torch_adam": not cfg.optim.fused}},
         "gradient_clipping": cfg.optim.clip_grad,
-        "zero_optimization": {"stage": effective_zero_stage(cfg.zero_stage, dp)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW is one ZeRO supports; it is handed in as a client
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if p.dtype == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        if stage >= 1:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}  # micro-batch gradients summed in fp32
     elif p.dtype == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.initial_scale_power,
                       "loss_scale_window": p.loss_scale_window, "hysteresis": p.hysteresis,
@@ -73,40 +81,62 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
     return ds
 
 
-def effective_zero_stage(stage: int, dp: int) -> int:
+def effective_zero_stage(stage: int, dp: int, dtype: str = "fp32") -> int:
     """ZeRO shards over data-parallel ranks: with one there is nothing to shard, and on a CPU its bookkeeping
-    (flattening gradients into partitions every step) costs more than the optimizer itself, so it is skipped."""
-    if dp == 1 and stage > 0:
+    (flattening gradients into partitions every step) costs more than the optimizer itself, so fp32 runs skip it.
+    In bf16 and fp16 the stage is kept: ZeRO's optimizers hold the fp32 master weights and Adam's state."""
+    if dp == 1 and stage > 0 and dtype == "fp32":
         log.info("zero_stage %d has nothing to shard with 1 data-parallel rank; running DeepSpeed without ZeRO", stage)
         return 0
     return stage
 
 
 def guarded(optimizer_class: type) -> type:
-    """``optimizer_class`` that skips a step whose gradients are not all finite and says so in ``overflow`` (which
-    DeepSpeed reads to count skipped steps). Needed without ZeRO, where DeepSpeed checks only fp16 gradients."""
+    """``optimizer_class`` that skips the step the trainer marked (``guard_skip``: its gradients are not all finite, known
+    from the step's gradient norm) and says so in ``overflow``, which DeepSpeed reads to count skipped steps and to
+    hold the LR schedule. Needed without ZeRO, where DeepSpeed checks only fp16 gradients. It never reads a device
+    value itself."""
 
     class Guarded(optimizer_class):
         overflow = False
+        guard_skip = False
 
         def step(self, closure: Any = None) -> Any:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
-            return None if self.overflow else super().step(closure)
+            self.overflow = self.guard_skip
+            return None if self.guard_skip else super().step(closure)
 
     Guarded.__name__ = f"Guarded{optimizer_class.__name__}"
     return Guarded
 
 
-def client_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """The optimizer handed to DeepSpeed when it runs without ZeRO: fused or torch AdamW, guarded against NaN/Inf."""
+def client_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], guard: bool) -> torch.optim.Optimizer:
+    """torch's AdamW (fused kernels on CUDA and CPU with ``optim.fused``; nothing compiled at run time), handed to
+    DeepSpeed for every ZeRO stage; ``guard``: without ZeRO in fp32, guarded against NaN/Inf steps."""
     o = cfg.optim
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if o.fused:
-        from deepspeed.ops.adam import FusedAdam
+    cls = guarded(torch.optim.AdamW) if guard else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+               fused=o.fused or None, foreach=None if o.fused else True)
 
-        return guarded(FusedAdam)(groups, adam_w_mode=True, **kwargs)
-    return guarded(torch.optim.AdamW)(groups, **kwargs)
+
+def grad_norm(params: list[nn.Parameter], pc: ParallelContext) -> torch.Tensor:
+    """The global L2 norm of the gradients, (1,) fp32 on their device, with no host sync: tensor-parallel slices
+    summed over the group, replicated parameters counted once (by TP rank 0). Non-finite iff a gradient is."""
+    split = [p.grad for p in params if p.grad is not None and getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "tensor_model_parallel", False)]
+    grads = split + (replicated if pc.tp_rank == 0 else [])
+    squares = torch.zeros(1, dtype=torch.float32, device=pc.device)
+    if grads:
+        squares = squares + torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+    if pc.tp_size > 1:
+        torch.distributed.all_reduce(squares, group=pc.tp_group)
+    return squares.sqrt()
+
+
+def clip_with(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients by min(1, max_norm / (norm + 1e-6)) on the device (DeepSpeed's and torch's rule)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).reshape(()))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

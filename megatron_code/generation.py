@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,7 +21,7 @@ from torch import Tensor
 from common.config import option
 from data_pipeline.packing import PREFIX, TEXT
 from data_pipeline.tokenizer import CodeTokenizer
-from megatron_code.attention import MaskInfo
+from megatron_code.attention import MaskInfo, to_device
 from megatron_code.checkpoint import load_model, read_manifest
 from megatron_code.model import CodeGeeXModel, KVCache
 from megatron_code.parallel import single_context
@@ -81,22 +82,23 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
-    seg = torch.full((b, longest), -1, dtype=torch.long, device=device)
-    pos = torch.zeros((b, longest), dtype=torch.long, device=device)
+    host_tokens = np.full((b, longest), pad_id, dtype=np.int64)  # (B, T): built on the host, copied once
+    host_seg = np.full((b, longest), -1, dtype=np.int64)
+    host_pos = np.zeros((b, longest), dtype=np.int64)
     for i, p in enumerate(prompts):
         n = len(p)
-        tokens[i, longest - n:] = torch.tensor(list(p), dtype=torch.long)
-        seg[i, longest - n:] = 0
-        pos[i, longest - n:] = torch.arange(n)
+        host_tokens[i, longest - n:], host_seg[i, longest - n:], host_pos[i, longest - n:] = list(p), 0, np.arange(n)
+    tokens, seg, pos = (to_device(a, device) for a in (host_tokens, host_seg, host_pos))
     text, prefix = _prompt_flags(modality, b, longest, device, prefix_lm)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * b
-    cache: KVCache | None = None
+    cache: KVCache = []  # an empty cache: generation from the first step (the cache use's attention)
     step_tokens, step_pos = tokens, pos
+    next_position = max(len(p) for p in prompts)  # the largest position of the next step, known on the host
+    new_col = torch.zeros((b, 1), dtype=torch.long, device=device)  # a new token's segment (0) and flags (off)
     for _ in range(cfg.max_new_tokens):
-        if int(step_pos.max()) >= model.cfg.max_position_embeddings:
+        if next_position - 1 >= model.cfg.max_position_embeddings:
             break  # no learned position beyond this
         logits, cache = model(step_tokens, step_pos, MaskInfo(seg, prefix), cache, text=text)  # (B, T, V/tp)
         last = _full_logits(model, logits[:, -1].float())  # (B, V)
@@ -107,10 +109,9 @@ def generate(
         else:
             probs = torch.softmax(filter_logits(last, cfg), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        for i in range(b):
+        for i, t in enumerate(nxt.tolist()):  # the token's one host sync
             if done[i]:
                 continue
-            t = int(nxt[i])
             if eod_id is not None and t == eod_id:
                 done[i] = True
                 continue
@@ -121,10 +122,11 @@ def generate(
             break
         step_tokens = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
-        seg = torch.cat([seg, torch.zeros((b, 1), dtype=torch.long, device=device)], dim=1)
-        text = None if text is None else torch.zeros((b, 1), dtype=torch.bool, device=device)
+        next_position += 1
+        seg = torch.cat([seg, new_col], dim=1)
+        text = None if text is None else new_col.bool()
         if prefix is not None:
-            prefix = torch.cat([prefix, torch.zeros((b, 1), dtype=torch.bool, device=device)], dim=1)
+            prefix = torch.cat([prefix, new_col.bool()], dim=1)
     return out
 
 
@@ -133,10 +135,11 @@ def _prompt_flags(modality: Sequence[Sequence[int]] | None, b: int, longest: int
     """Left-padded (B, longest) TEXT and PREFIX masks of the prompts (padding: neither)."""
     if modality is None:
         return None, None
-    flags = torch.zeros((b, longest), dtype=torch.long, device=device)
+    host = np.zeros((b, longest), dtype=np.int64)
     for i, m in enumerate(modality):
         if len(m):
-            flags[i, longest - len(m):] = torch.tensor(list(m), dtype=torch.long)
+            host[i, longest - len(m):] = list(m)
+    flags = to_device(host, device)  # (B, T)
     return (flags & TEXT) != 0, ((flags & PREFIX) != 0) if prefix_lm else None
 
 

@@ -44,18 +44,20 @@ class FullSeparation(nn.Module):
 class PartialSeparation(nn.Module):
     """Own docstring rows for a few token ids (replicated); ``index`` maps a token id to its row or -1."""
 
-    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype, device: torch.device | None = None,
+                 initialize: bool = True) -> None:
         super().__init__()
         if not cfg.separated_token_ids:
             raise ConfigError("model.embedding_separation 'partial' needs model.separated_token_ids (stage 2 fills "
                               "them from the tokenizer when init_from is set)")
-        ids = torch.tensor(cfg.separated_token_ids, dtype=torch.long)
-        index = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
-        index[ids] = torch.arange(len(ids))
+        ids = torch.tensor(cfg.separated_token_ids, dtype=torch.long, device=device)
+        index = torch.full((cfg.vocab_size,), -1, dtype=torch.long, device=device)
+        index[ids] = torch.arange(len(ids), device=device)
         self.index: Tensor
         self.register_buffer("index", index, persistent=False)  # rebuilt from the config, not checkpointed
-        self.rows = nn.Parameter(torch.zeros(len(ids), cfg.hidden_size, dtype=params_dtype))
-        nn.init.normal_(self.rows, std=cfg.init_method_std)
+        self.rows = nn.Parameter(torch.empty(len(ids), cfg.hidden_size, dtype=params_dtype, device=device))
+        if initialize:
+            nn.init.normal_(self.rows, std=cfg.init_method_std)
 
     def blend(self, x: Tensor, tokens: Tensor, text: Tensor) -> Tensor:
         row = self.index[tokens]  # (B, T), -1 where the token has no own row
@@ -63,10 +65,10 @@ class PartialSeparation(nn.Module):
         return torch.where(use[..., None], F.embedding(row.clamp(min=0), self.rows), x)  # (B, T, C)
 
 
-def build_separation(cfg: ModelConfig, pc: ParallelContext, mp: ModelParallelConfig,
-                     init: Any) -> FullSeparation | PartialSeparation | None:
+def build_separation(cfg: ModelConfig, pc: ParallelContext, mp: ModelParallelConfig, init: Any,
+                     device: torch.device | None = None) -> FullSeparation | PartialSeparation | None:
     if cfg.embedding_separation == "full":
         return FullSeparation(cfg, pc, mp, init)
     if cfg.embedding_separation == "partial":
-        return PartialSeparation(cfg, mp.params_dtype)
+        return PartialSeparation(cfg, mp.params_dtype, device, mp.perform_initialization)
     return None

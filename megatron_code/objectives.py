@@ -30,7 +30,7 @@ from torch import Tensor
 
 from common.contracts import StoreManifest
 from data_pipeline.packing import CORRUPTIBLE, PREFIX, TEXT
-from megatron_code.attention import MaskInfo
+from megatron_code.attention import MaskInfo, to_device
 from megatron_code.parallel import ParallelContext
 
 
@@ -96,25 +96,25 @@ def prepare_batch(batch: dict[str, np.ndarray], device: torch.device | str = "cp
     raw = batch["tokens"]
     if obj.name == "corrupt-code-clm" and modality is not None:
         raw = corrupt(raw, modality, batch["sample_keys"], obj)
-    tokens = torch.as_tensor(raw, dtype=torch.long, device=device)  # (B, W)
-    seg = torch.as_tensor(batch["document_ids"], dtype=torch.long, device=device)  # (B, W)
-    pos = torch.as_tensor(batch["position_ids"], dtype=torch.long, device=device)  # (B, W)
-    num = torch.as_tensor(batch["num_tokens"], dtype=torch.long, device=device)  # (B,)
-    w = tokens.shape[1]
-    real = torch.arange(w, device=device)[None, :] < num[:, None]  # (B, W)
-    keep = real[:, 1:] & (seg[:, 1:] == seg[:, :-1])  # (B, T)
-    labels = torch.as_tensor(batch["tokens"], dtype=torch.long, device=device)[:, 1:]  # (B, T): never corrupted
-    if modality is None:
-        return ModelInputs(tokens[:, :-1], labels, pos[:, :-1], MaskInfo(seg[:, :-1]), keep.float())
-    mod = torch.as_tensor(modality.astype(np.int64), device=device)  # (B, W)
+    docs = np.asarray(batch["document_ids"])
+    w = docs.shape[1]
+    # masks built on the host from the sampler's arrays; each array crosses to the device once, asynchronously
+    real = np.arange(w)[None, :] < np.asarray(batch["num_tokens"])[:, None]  # (B, W)
+    keep = real[:, 1:] & (docs[:, 1:] == docs[:, :-1])  # (B, T)
     prefix = None
-    if obj.name in ("code-clm", "corrupt-code-clm"):
-        keep &= (mod[:, 1:] & TEXT) == 0
-    elif obj.name == "prefix-code-clm":
-        keep &= (mod[:, 1:] & PREFIX) == 0
-        prefix = (mod[:, :-1] & PREFIX) != 0  # (B, T)
-    return ModelInputs(tokens[:, :-1], labels, pos[:, :-1], MaskInfo(seg[:, :-1], prefix), keep.float(),
-                       (mod[:, :-1] & TEXT) != 0)
+    if modality is not None:
+        mod = np.asarray(modality).astype(np.int64)  # (B, W)
+        if obj.name in ("code-clm", "corrupt-code-clm"):
+            keep &= (mod[:, 1:] & TEXT) == 0
+        elif obj.name == "prefix-code-clm":
+            keep &= (mod[:, 1:] & PREFIX) == 0
+            prefix = to_device((mod[:, :-1] & PREFIX) != 0, device)  # (B, T)
+    tokens = to_device(np.asarray(raw, dtype=np.int64)[:, :-1], device)  # (B, T)
+    labels = to_device(np.asarray(batch["tokens"], dtype=np.int64)[:, 1:], device)  # (B, T): never corrupted
+    pos = to_device(np.asarray(batch["position_ids"], dtype=np.int64)[:, :-1], device)  # (B, T)
+    mask = MaskInfo.from_documents(docs[:, :-1], device, prefix)
+    text = None if modality is None else to_device((mod[:, :-1] & TEXT) != 0, device)  # (B, T)
+    return ModelInputs(tokens, labels, pos, mask, to_device(keep.astype(np.float32), device), text)
 
 
 class _VocabParallelCE(torch.autograd.Function):

@@ -30,6 +30,7 @@ class ParallelContext:
     dp_group: Any
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where this rank computes and where its collectives' tensors live
 
 
 def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
@@ -57,8 +58,11 @@ def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:  # alone: NCCL on a GPU too, so collectives and computation share the device as in a multi-rank job
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it even alone
 
 
@@ -81,7 +85,8 @@ def build_parallel_context(tp_size: int = 1) -> ParallelContext:
         group = dist.new_group(ranks)
         if rank in ranks:
             dp_group = group
-    return ParallelContext(tp_size, rank % tp_size, dp_size, rank // tp_size, tp_group, dp_group, rank, world)
+    return ParallelContext(tp_size, rank % tp_size, dp_size, rank // tp_size, tp_group, dp_group, rank, world,
+                           collective_device())
 
 
 def single_context() -> ParallelContext:
@@ -91,7 +96,7 @@ def single_context() -> ParallelContext:
     if dist.get_world_size() != 1:
         raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
     group = dist.new_group([0])
-    return ParallelContext(1, 0, 1, 0, group, group, 0, 1)
+    return ParallelContext(1, 0, 1, 0, group, group, 0, 1, collective_device())
 
 
 def collective_device(group: Any = None) -> torch.device:
@@ -99,3 +104,26 @@ def collective_device(group: Any = None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def allow_cpu_sequence_parallel() -> None:
+    """Let megatron-core's sequence-parallel mappings run on a machine without CUDA (gloo, CPU tensors).
+
+    They allocate their gather and reduce-scatter outputs with ``device=torch.cuda.current_device()``, which raises
+    where torch has no CUDA; here it answers "cpu" instead. Nothing changes where CUDA exists."""
+    if torch.cuda.is_available() or getattr(torch.cuda.current_device, "_codegeex_cpu", False):
+        return
+
+    def current_device() -> str:
+        return "cpu"
+
+    current_device._codegeex_cpu = True  # type: ignore[attr-defined]
+    torch.cuda.current_device = current_device  # type: ignore[assignment]
+
+
+def seed_device_initialisation(pc: ParallelContext) -> None:
+    """Seed megatron-core's CUDA RNG tracker, with which tensor-parallel slices are initialised on the GPU (each
+    rank draws only its own slice; the seed is the one ``torch.manual_seed`` set, offset by the TP rank)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(torch.initial_seed() % 2**31, tp_rank=pc.tp_rank, ep_rank=0, etp_rank=0)

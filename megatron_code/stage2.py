@@ -28,7 +28,8 @@ from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import collective_device
 
 SEPARATION_FIELDS = ("embedding_separation", "separated_token_ids")
-FREE_FIELDS = SEPARATION_FIELDS + ("hidden_dropout", "attention_dropout", "attention_backend", "params_dtype")
+FREE_FIELDS = SEPARATION_FIELDS + ("hidden_dropout", "attention_dropout", "attention_backend", "params_dtype",
+                                    "sequence_parallel", "fused_elementwise")
 
 
 # --- which tokens PES separates -------------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from megatron_code.model import CodeGeeXModel
 
 
 def _all_finite(model: CodeGeeXModel) -> bool:
-    ok = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in model.parameters()) else 0.0])
+    """Whether every rank's parameters are finite: checked on the device, agreed over all ranks, read once."""
+    params = list(model.parameters())
+    ok = torch.stack([torch.isfinite(p).all() for p in params]).all().float().reshape(1)  # (1,) on the device
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() == 1.0)
+    return ok.tolist()[0] == 1.0
 
 
 def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeXModel, state: dict[str, Any],

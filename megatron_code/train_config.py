@@ -26,18 +26,32 @@ class OptimConfig:
     eps: float = option(1e-8, "Adam epsilon")
     weight_decay: float = option(0.1, "decoupled weight decay, not applied to biases and LayerNorms")
     clip_grad: float = option(1.0, "global gradient-norm clipping (0: off)")
-    fused: bool = option(True, "DeepSpeed's fused Adam kernel (compiled on first use, CPU or GPU); false: torch's AdamW")
+    fused: bool = option(True, "torch's fused AdamW kernels (CUDA and CPU, shipped with torch: nothing is compiled at "
+                         "run time); false: its multi-tensor (foreach) AdamW")
 
 
 @dataclass
 class PrecisionConfig:
     """Training precision and fp16 dynamic loss scaling."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "fp32 on CPU; bf16 or fp16 on GPUs")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto: model.params_dtype's when set, else bf16 on GPUs and fp32 on CPU; bf16/fp16 keep fp32 master "
+        "weights and Adam state in every ZeRO stage, and the loss in fp32")
     initial_scale_power: int = option(16, "fp16: the first loss scale is 2**this")
     loss_scale_window: int = option(1000, "fp16: steps without overflow before the scale doubles")
     hysteresis: int = option(2, "fp16: overflows tolerated before the scale halves")
     min_loss_scale: float = option(1.0, "fp16: the scale never goes below this")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO's communication settings (the stage is ``zero_stage``)."""
+
+    overlap_comm: bool = option(True, "ZeRO 2/3 on GPUs: reduce gradient buckets while backward still runs")
+    contiguous_gradients: bool = option(True, "ZeRO 2/3: copy gradients into one contiguous buffer as they are "
+                                        "produced (less fragmentation)")
+    reduce_bucket_size: int = option(500_000_000, "elements reduced at once (larger: fewer, bigger collectives)")
+    allgather_bucket_size: int = option(500_000_000, "elements all-gathered at once after the step (ZeRO 1/2)")
 
 
 @dataclass
@@ -98,7 +112,8 @@ class TrainConfig:
     model_preset: str = option("", "start the model section from configs/model/NAME.yaml")
     model: ModelConfig = option(ModelConfig, "the model")
     tp: int = option(1, "tensor-parallel size; data-parallel size = world size / tp")
-    zero_stage: int = option(1, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (sharded over data-parallel ranks only)")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (sharded over data-parallel ranks only)")
+    zero: ZeroConfig = option(ZeroConfig, "ZeRO's bucket and overlap settings")
     micro_batch_size: int = option(1, "samples per forward on one rank")
     train_steps: int = option(100, "optimizer steps")
     seed: int = option(1234, "seed of initialisation and of docstring corruption (the sampler has its own)")
@@ -120,6 +135,9 @@ class TrainConfig:
             raise ValueError(f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
         if not 0.0 <= self.objective.corrupt_share <= 1.0:
             raise ValueError(f"objective.corrupt_share ({self.objective.corrupt_share}) must be in [0, 1]")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self.zero, name) < 1:
+                raise ValueError(f"zero.{name} ({getattr(self.zero, name)}) must be positive")
         if self.train_steps < 1 or self.micro_batch_size < 1:
             raise ValueError(f"train_steps ({self.train_steps}) and micro_batch_size ({self.micro_batch_size}) "
                              "must be positive")
@@ -135,6 +153,24 @@ class TrainConfig:
             raise ConfigError(f"data.global_batch_size ({gbs}) must be a multiple of micro_batch_size ({mbs}) x "
                               f"data-parallel size ({dp}) = {mbs * dp}")
         return gbs // (mbs * dp)
+
+
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_precision(cfg: TrainConfig, cuda: bool) -> None:
+    """Settle ``precision.dtype`` and ``model.params_dtype`` (either may be ``auto``) to one agreeing pair; a
+    disagreement of two explicit values is refused naming both."""
+    params: Any = cfg.model.params_dtype
+    precision: Any = cfg.precision.dtype
+    if precision == "auto":
+        from_params = {v: k for k, v in PRECISION_DTYPES.items()}
+        precision = from_params[params] if params != "auto" else ("bf16" if cuda else "fp32")
+    if params not in ("auto", PRECISION_DTYPES[precision]):
+        raise ConfigError(f"precision.dtype ({cfg.precision.dtype}) and model.params_dtype ({params}) disagree: "
+                          f"{precision} trains {PRECISION_DTYPES[precision]} parameters; set one of them to match the "
+                          "other, or to auto")
+    cfg.precision.dtype, cfg.model.params_dtype = precision, PRECISION_DTYPES[precision]
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:

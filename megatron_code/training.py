@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,9 @@ from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, Sour
 from megatron_code.deepspeed_glue import (
     MPUAdapter,
     client_optimizer,
+    clip_with,
     deepspeed_config,
+    grad_norm,
     make_scheduler,
     parameter_groups,
 )
@@ -48,7 +52,7 @@ from megatron_code.objectives import (
 from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
 from megatron_code.stage2 import fill_separated_ids, init_from_checkpoint
 from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
-from megatron_code.train_config import TrainConfig
+from megatron_code.train_config import TrainConfig, resolve_precision
 
 log = logging.getLogger("codegeex.train")
 
@@ -86,7 +90,8 @@ class Metrics:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1; ranks agree on it once per step."""
+    """Remembers SIGTERM/SIGUSR1; ranks agree on it once per step, inside the step's one host read
+    (:func:`train_step`)."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -95,13 +100,6 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
-
-    def agreed(self) -> bool:
-        if dist.get_world_size() == 1:
-            return self.received > 0
-        flag = torch.tensor([float(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
 
 def _peak_tflops(cfg: TrainConfig) -> float:
@@ -119,42 +117,30 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     ensure_process_group(datetime.timedelta(minutes=cfg.faults.collective_timeout_minutes))
     pc = build_parallel_context(cfg.tp)
     cfg.model.check_tensor_parallel(pc.tp_size)
-    ds_config = deepspeed_config(cfg, pc.dp_size)  # checks global batch = micro x accumulation x DP
+    resolve_precision(cfg, pc.device.type == "cuda")
+    ds_config = deepspeed_config(cfg, pc.dp_size, pc.device.type == "cuda")  # checks global batch = micro x acc. x DP
     sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
     fill_separated_ids(cfg.model, sampler.sources[0].store.manifest)
     torch.manual_seed(cfg.seed)
-    model = CodeGeeXModel(cfg.model, pc)
-    if cfg.init_from and (cfg.checkpoint.resume == "none" or (cfg.checkpoint.resume == "auto"
-                                                              and find_latest(cfg.checkpoint_dir) is None)):
+    resuming = cfg.checkpoint.resume != "none" and (cfg.checkpoint.resume != "auto"
+                                                    or find_latest(cfg.checkpoint_dir) is not None)
+    # no random draw for weights about to be loaded (a resume, or stage 2's init_from); on the GPU when there is one
+    model = CodeGeeXModel(cfg.model, pc, initialize=not (resuming or cfg.init_from))
+    if cfg.init_from and not resuming:
         init_from_checkpoint(model, cfg.init_from)  # stage 2: a fresh optimizer and schedule over these weights
         log.info("weights from %s (embedding separation: %s)", cfg.init_from, cfg.model.embedding_separation)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = model.to(pc.device)
     groups = parameter_groups(model, cfg.optim.weight_decay)
-    optimizer = None
-    if ds_config["zero_optimization"]["stage"] == 0:  # no ZeRO: our optimizer, which skips non-finite steps itself
-        optimizer = client_optimizer(cfg, groups)
-        del ds_config["optimizer"]
+    stage = ds_config["zero_optimization"]["stage"]
+    optimizer = client_optimizer(cfg, groups, guard=stage == 0 and cfg.precision.dtype == "fp32")
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
                                            mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg), dist_init_required=False)
     if pc.dp_size == 1:
         engine.enable_backward_allreduce = False  # one data-parallel rank: nothing to average, skip the bucket copies
-    if optimizer is not None:
-        record_clipped_norm(engine)
+    if getattr(optimizer, "guard_skip", None) is not None:
+        engine.clip_fp32_gradients = lambda: None  # the trainer clips with the norm it already has (train_step)
     return pc, model, engine, sampler
-
-
-def record_clipped_norm(engine: Any) -> None:
-    """Without ZeRO, DeepSpeed clips fp32 gradients but drops the norm it computed (``get_global_grad_norm`` stays
-    None); keep it, so the logged grad-norm is the global one (tensor-parallel replicas counted once) at any DP."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip() -> None:
-        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
-                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
-
-    engine.clip_fp32_gradients = clip
 
 
 def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
@@ -171,48 +157,75 @@ def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -
                                     "checkpoints": str(cfg.checkpoint_dir)}) + "\n")
 
 
-def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs],
-               nan: bool = False) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over this rank's micro-batches; returns (mean loss over the global batch, skipped)."""
+@dataclass
+class StepResult:
+    """What one optimizer step reports, all read from the device at once."""
+
+    loss: float  # mean over the global batch's counted tokens
+    skipped: bool  # NaN/Inf loss or gradients: no update
+    stop: bool  # some rank received SIGTERM/SIGUSR1
+    grad_norm: float | None  # the global gradient norm before clipping, when the trainer computed it (no ZeRO)
+
+
+def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs], stop_flag: float = 0.0,
+               nan: bool = False) -> StepResult:
+    """One optimizer step over this rank's micro-batches, with one host sync: the loss, the token count, the agreed
+    stop signal and (without ZeRO) the gradient norm are read from the device together, before the update."""
     accumulation = len(micros)
     # every token of the global batch weighs the same, however it is split into micro-batches and ranks
-    total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1).cpu()
+    total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1)  # (1,) on the device
     if pc.dp_size > 1:
         dist.all_reduce(total, group=pc.dp_group)
-    summed = torch.zeros(1)
-    for inp in micros:
+    weight = (accumulation * pc.dp_size) / total.clamp(min=1)  # DeepSpeed divides by both
+    summed = torch.zeros(1, device=pc.device)
+    for i, inp in enumerate(micros):
         logits, _ = engine(inp.tokens, inp.position_ids, inp.mask, text=inp.text)
-        token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()
+        token_sum = (vocab_parallel_cross_entropy(logits, inp.labels, pc) * inp.loss_mask).sum()  # fp32
         if nan:
             token_sum = token_sum * float("nan")
-        # DeepSpeed divides by the accumulation steps and averages over data-parallel ranks
-        engine.backward(token_sum * (accumulation * pc.dp_size) / total.clamp(min=1).to(token_sum.device))
-        engine.step()
-        summed += token_sum.detach().float().cpu()
+        engine.backward(token_sum * weight)
+        summed += token_sum.detach().float()
+        if i < accumulation - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
     if pc.dp_size > 1:
         dist.all_reduce(summed, group=pc.dp_group)
-    mean = summed / total.clamp(min=1)
-    skipped = not getattr(engine, "_step_applied", True) or not bool(torch.isfinite(mean).item())
-    return mean, skipped
+    optimizer = engine.optimizer
+    guarded = getattr(optimizer, "guard_skip", None) is not None
+    params = [p for g in optimizer.param_groups for p in g["params"]] if guarded else []
+    norm = grad_norm(params, pc) if guarded else torch.zeros(1, device=pc.device)  # (1,)
+    stop = torch.full((1,), float(stop_flag), device=pc.device)
+    if pc.world_size > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    loss_sum, count, stopping, norm_value = torch.cat([summed, total, stop, norm]).tolist()  # the one host sync
+    mean = loss_sum / max(count, 1.0)
+    if guarded:
+        optimizer.guard_skip = not math.isfinite(norm_value)
+        if not optimizer.guard_skip:
+            clip_with(params, norm, engine.gradient_clipping())
+        engine._global_grad_norm = norm_value
+    engine.step()
+    skipped = not getattr(engine, "_step_applied", True) or not math.isfinite(mean)
+    return StepResult(mean, skipped, stopping > 0, norm_value if guarded else None)
 
 
 def validation_loss(cfg: TrainConfig, engine: Any, pc: ParallelContext, device: torch.device,
                     objective: Objective) -> float:
-    """Mean loss over the same held-out batches every time."""
+    """Mean loss over the same held-out batches every time (summed on the device, read once)."""
     vcfg = SamplerConfig(sources=[SourceConfig(path=cfg.validation.path)], seed=0,
                          global_batch_size=cfg.data.global_batch_size, verify_checksums=False)
     sampler = DataSampler(vcfg, pc.dp_rank, pc.dp_size)
     engine.eval()
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=pc.device)  # (loss sum, tokens)
     with torch.no_grad():
         for _ in range(cfg.validation.batches):
             inp = prepare_batch(sampler.next_batch(), device, objective)
             logits, _ = engine(inp.tokens, inp.position_ids, inp.mask, text=inp.text)
             loss, count = lm_loss(logits, inp, pc)
-            total += torch.tensor([float(loss) * float(count), float(count)])
+            total += torch.stack([loss.float() * count, count.float()])
     dist.all_reduce(total, group=pc.dp_group)
     engine.train()
-    return float(total[0] / total[1].clamp(min=1))
+    loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1.0)
 
 
 class Throughput:
@@ -250,12 +263,12 @@ def resume_point(cfg: TrainConfig, engine: Any, sampler: DataSampler) -> tuple[i
     return state["step"], state["skipped_steps"]
 
 
-def step_values(engine: Any, mean: torch.Tensor, skipped_total: int) -> dict[str, Any]:
+def step_values(engine: Any, result: StepResult, skipped_total: int) -> dict[str, Any]:
     """A step's metrics: loss, learning rate, gradient norm, loss scale, skipped steps so far."""
     scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0))
-    return {"loss": float(mean.item()), "lr": float(engine.get_lr()[0]),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "loss_scale": float(scale or 1.0),
-            "skipped_steps": skipped_total}
+    norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
+    return {"loss": result.loss, "lr": float(engine.get_lr()[0]), "grad_norm": float(norm or 0.0),
+            "loss_scale": float(scale or 1.0), "skipped_steps": skipped_total}
 
 
 def log_step(step: int, train_steps: int, last: dict[str, Any]) -> None:
@@ -270,7 +283,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's metrics."""
     pc, model, engine, sampler = build(cfg)
     objective = make_objective(cfg, [(sc.path, s.store.manifest) for s, sc in zip(sampler.sources, cfg.data.sources)])
-    device = next(model.parameters()).device
+    device = pc.device
     accumulation = cfg.accumulation(pc.dp_size)
     start, skipped_total = resume_point(cfg, engine, sampler)
     metrics = Metrics(cfg, pc.rank)
@@ -286,14 +299,14 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     bar = progress(total=cfg.train_steps, initial=start, desc="train", unit="step", disable=pc.rank != 0)
     for step in range(start + 1, cfg.train_steps + 1):
         micros = [prepare_batch(m, device, objective) for m in _micro_batches(sampler.next_batch(), accumulation)]
-        mean, skipped = train_step(engine, pc, micros, nan=step in cfg.faults.inject_nan_steps)
-        skipped_total += int(skipped)
-        consecutive = consecutive + 1 if skipped else 0
+        result = train_step(engine, pc, micros, stop.received, nan=step in cfg.faults.inject_nan_steps)
+        skipped_total += int(result.skipped)
+        consecutive = consecutive + 1 if result.skipped else 0
         if consecutive >= cfg.faults.max_consecutive_skipped:
             raise RuntimeError(f"stopping: {consecutive} steps in a row skipped for NaN/Inf loss or gradients "
                                f"(faults.max_consecutive_skipped = {cfg.faults.max_consecutive_skipped}); last at step {step}")
         speed.steps += 1
-        last = step_values(engine, mean, skipped_total)
+        last = step_values(engine, result, skipped_total)
         if step % cfg.log.interval == 0 or step == cfg.train_steps:
             last.update(speed.report())
             log_step(step, cfg.train_steps, last)
@@ -303,7 +316,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
         metrics.write(step, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
-        stopping = stop.agreed()
+        stopping = result.stop
         if step % cfg.checkpoint.interval == 0 or step == cfg.train_steps or stopping:
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
                      "git_revision": git_revision(), "command": command}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -14,10 +15,11 @@ import numpy as np
 import psutil
 import pytest
 
+import launch.launchers
 from common.config import ConfigError
 from launch.cli import build_parser, main
 from launch.launch_cli import cmd_slurm
-from launch.launchers import read_hostfile
+from launch.launchers import read_hostfile, worker_environment
 from tests.dist import free_port
 from tests.model_utils import synthetic_store
 from tests.train_utils import last_step, metrics, values, write_config
@@ -78,6 +80,116 @@ def test_slurm_dry_run_renders_multi_node_chain_and_array(store, tmp_path, capsy
                         (["--time", "soon", cfg], "--time 'soon'"), ([], "needs CONFIG")):
         with pytest.raises(ConfigError, match=error):
             cmd_slurm(build_parser().parse_args(["launch", "slurm", "--dry-run", *argv]))
+
+
+GPU_VARIABLES = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+                 "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+ENV_EXTENSIONS = str(Path(sys.prefix) / "torch_extensions")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """None of the variables the launchers default, so each test sees the defaults (or sets its own)."""
+    for key in (*GPU_VARIABLES, "TORCH_EXTENSIONS_DIR", "DS_ENV_FILE"):
+        monkeypatch.setenv(key, "x")  # so that teardown restores (or removes) what main() sets in os.environ
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_worker_environment_gpu_variables_and_extensions_dir():
+    base = {"PATH": "/usr/bin"}
+    on, off = worker_environment(4, base, gpus=True), worker_environment(4, base, gpus=False)
+    assert {k: on.get(k) for k in GPU_VARIABLES} == GPU_VARIABLES
+    assert not set(GPU_VARIABLES) & set(off)
+    assert on["TORCH_EXTENSIONS_DIR"] == off["TORCH_EXTENSIONS_DIR"] == ENV_EXTENSIONS
+    assert base == {"PATH": "/usr/bin"}  # a copy, not the caller's dict
+    user = worker_environment(4, {**base, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128",
+                                  "CUDA_DEVICE_MAX_CONNECTIONS": "8", "TORCH_EXTENSIONS_DIR": "/mine"}, gpus=True)
+    assert (user["PYTORCH_CUDA_ALLOC_CONF"], user["CUDA_DEVICE_MAX_CONNECTIONS"], user["TORCH_EXTENSIONS_DIR"],
+            user["TORCH_NCCL_AVOID_RECORD_STREAMS"]) == ("max_split_size_mb:128", "8", "/mine", "1")
+
+
+@pytest.mark.parametrize("gpus", [True, False])
+def test_local_launch_exports_gpu_variables_only_on_gpus(store, tmp_path, capsys, clean_env, gpus):
+    clean_env.setattr(launch.launchers, "gpus_here", lambda: gpus)
+    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    assert main(["launch", "local", "--dry-run", "--nproc", "2", cfg]) == 0
+    assert "torch.distributed.run" in capsys.readouterr().out
+    (record,) = (tmp_path / "run" / "launch").glob("*-local.json")
+    env = json.loads(record.read_text())["environment"]
+    assert {k: env[k] for k in GPU_VARIABLES if k in env} == (GPU_VARIABLES if gpus else {})
+    assert env["TORCH_EXTENSIONS_DIR"] == ENV_EXTENSIONS
+
+
+def test_train_entry_defaults_torch_extensions_dir(clean_env):
+    import megatron_code.train_cli
+
+    seen: list[str | None] = []
+    clean_env.setattr(megatron_code.train_cli, "cmd_train",
+                      lambda args: seen.append(os.environ.get("TORCH_EXTENSIONS_DIR")) or 0)
+    assert main(["train", "--config", "unused.yaml"]) == 0
+    clean_env.setenv("TORCH_EXTENSIONS_DIR", "/mine")
+    assert main(["train", "--config", "unused.yaml"]) == 0
+    assert seen == [ENV_EXTENSIONS, "/mine"]
+
+
+def test_slurm_script_exports_gpu_variables_with_submit_time_values_winning(store, tmp_path, capsys):
+    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    assert main(["launch", "slurm", "--dry-run", "--gpus-per-node", "8", cfg]) == 0
+    gpu = capsys.readouterr().out
+    expected = [f"export {k}=${{{k}:-{v}}}" for k, v in GPU_VARIABLES.items()]
+    expected.append(f"export TORCH_EXTENSIONS_DIR=${{TORCH_EXTENSIONS_DIR:-{ENV_EXTENSIONS}}}")
+    for line in expected:
+        assert line in gpu.splitlines(), line
+    assert main(["launch", "slurm", "--dry-run", "--nproc-per-node", "2", cfg]) == 0
+    cpu = capsys.readouterr().out
+    assert not [k for k in GPU_VARIABLES if k in cpu]
+    assert expected[-1] in cpu.splitlines()
+    # the script's exports as bash runs them: a value exported at submit time wins, the others are the defaults
+    exports = "\n".join(line for line in gpu.splitlines() if line.startswith("export "))
+    env = {"PATH": os.environ["PATH"], "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64", "SLURM_CPUS_PER_TASK": "16"}
+    out = subprocess.run(["bash", "-uc", exports + "\nenv"], env=env, capture_output=True, text=True, check=True).stdout
+    got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert {k: got[k] for k in GPU_VARIABLES} == {**GPU_VARIABLES, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    assert (got["TORCH_EXTENSIONS_DIR"], got["OMP_NUM_THREADS"]) == (ENV_EXTENSIONS, "2")
+
+
+def test_deepspeed_runner_carries_the_environment_to_remote_nodes(store, tmp_path, capsys, clean_env):
+    """The command `launch deepspeed` runs, run for real against a fake ssh and pdsh: the remote command pdsh gets
+    exports the variables DeepSpeed's runner would not forward by itself, the user's .deepspeed_env lines winning."""
+    clean_env.setattr(launch.launchers, "gpus_here", lambda: True)
+    bin_dir, home, work = tmp_path / "bin", tmp_path / "home", tmp_path / "work"
+    for d in (bin_dir, home, work):
+        d.mkdir()
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "pdsh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "pdsh.args"}\n')
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    (home / ".deepspeed_env").write_text("FROM_HOME=1\nPYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:64\n")
+    (work / ".deepspeed_env").write_text("FROM_WORKDIR=2\n")
+    clean_env.setenv("HOME", str(home))
+    clean_env.chdir(work)
+    clean_env.setenv("TORCH_NCCL_AVOID_RECORD_STREAMS", "0")  # the user's value, not one DeepSpeed forwards
+    run = tmp_path / "run"
+    cfg = write_config(values(store, str(run)), tmp_path / "d.yaml")
+    hostfile = _hostfile(tmp_path, "node-a slots=2\nnode-b slots=2\n")
+    assert main(["launch", "deepspeed", "--dry-run", "--hostfile", str(hostfile), cfg]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert cmd[1:4] == ["-m", "deepspeed.launcher.runner", "--hostfile"]
+    (record,) = (run / "launch").glob("*-deepspeed.json")
+    env = json.loads(record.read_text())["environment"]
+    assert env["DS_ENV_FILE"] == str(run / "launch" / "deepspeed_env")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    done = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    args = (tmp_path / "pdsh.args").read_text().splitlines()
+    assert args[args.index("-w") + 1] == "node-a,node-b"
+    remote = next(a for a in args if a.startswith("export "))
+    for export in ("CUDA_DEVICE_MAX_CONNECTIONS=1", "TORCH_NCCL_AVOID_RECORD_STREAMS=0",
+                   "PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:64", f"TORCH_EXTENSIONS_DIR={ENV_EXTENSIONS}",
+                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "FROM_HOME=1", "FROM_WORKDIR=2"):
+        assert f"export {export};" in remote, (export, remote)
+    assert "deepspeed.launcher.launch" in args and args[-3:] == ["train", "--config", str(run / "launch" / "config.yaml")]
 
 
 @pytest.mark.slow
