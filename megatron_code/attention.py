@@ -110,11 +110,11 @@ class MaskInfo:
 
 
 def to_device(array: np.ndarray, device: torch.device | str) -> Tensor:
-    """A host array on ``device``: through pinned memory and a non-blocking copy on a GPU (no host sync)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    """A host array on ``device``: through pinned memory and a non-blocking copy on a GPU (no host sync); on the
+    host, the array's own memory."""
     if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+        return torch.from_numpy(np.ascontiguousarray(array)).pin_memory().to(device, non_blocking=True)
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)
 
 
 def flash_available() -> bool:

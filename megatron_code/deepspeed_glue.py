@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +51,31 @@ class MPUAdapter:
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def prepare_deepspeed() -> None:
+    """Before the engine exists: nothing compiled silently at run time.
+
+    DeepSpeed's CPU accelerator builds a shared-memory all-reduce (``deepspeed_shm_comm``) when its communication
+    starts; only its inference all-reduce uses it, so it is marked unavailable and never built. Any other op DeepSpeed
+    would compile just in time is announced in the log before the build starts, into the environment's own
+    extensions directory (``TORCH_EXTENSIONS_DIR``, defaulted to ``sys.prefix/torch_extensions``)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if getattr(OpBuilder.jit_load, "announced", False):
+        return
+    original = OpBuilder.jit_load
+
+    def jit_load(self: Any, verbose: bool = True) -> Any:
+        log.warning("DeepSpeed is compiling its %s op into %s (minutes, once per environment)", self.name,
+                    os.environ["TORCH_EXTENSIONS_DIR"])
+        return original(self, verbose)
+
+    jit_load.announced = True  # type: ignore[attr-defined]
+    OpBuilder.jit_load = jit_load  # type: ignore[method-assign]
 
 
 def deepspeed_config(cfg: TrainConfig, dp: int, cuda: bool | None = None) -> dict[str, Any]:

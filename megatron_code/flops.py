@@ -78,36 +78,42 @@ class MemoryEstimate:
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, seq_len: int, width: int, recompute: str) -> float:
+def activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, seq_len: int, width: int, recompute: str,
+                     sequence_parallel: bool = False) -> float:
     """Bytes kept for backward by one micro-batch, counted for this implementation (checked against the tensors
-    autograd actually saves in tests/test_flops.py).
+    autograd actually saves in tests/test_flops.py and, with sequence parallelism, tests/test_model_parallel.py).
 
     Per layer, in elements of ``width`` bytes: LayerNorm inputs 2sbh, the shared QKV input sbh, q, k, v and the
     attention output 4sbh, the output projection's input sbh, the MLP input sbh, FastGELU's input and output 2sbf
     (the tensor-parallel parts divided by TP): ``9sbh + 2sbf`` in all, Megatron's 34sbh without dropout masks for
-    f = 4h. Attention saves no s x s matrix (flash-style kernels keep the log-sum-exp); with dropout the probability
-    matrix and its mask are kept (``a s^2 b`` elements and bytes), and each dropout keeps a one-byte mask of sbh.
-    Once per model: the additive document mask (b s^2 elements), the embeddings' output, the final LayerNorm and output
-    projection inputs (3sbh), and the loss's fp32 softmax (s b V / tp, 4 bytes).
+    f = 4h. Sequence parallelism (TP > 1) also divides the replicated 4sbh (LayerNorm and linear inputs are kept as
+    the rank's sequence slice): ``(9sbh + 2sbf) / tp``, Megatron's 34sbh/t. Attention saves no s x s matrix
+    (flash-style kernels keep the log-sum-exp); with dropout the probability matrix and its mask are kept
+    (``a s^2 b`` elements and bytes), and each dropout keeps a one-byte mask of sbh (a slice under sequence
+    parallelism). Once per model: the additive document mask (b s^2 elements), the embeddings' output and the final
+    LayerNorm's input (2sbh, sequence slices under sequence parallelism), the output projection's input (sbh, whole),
+    and the loss's fp32 softmax (s b V / tp, 4 bytes).
     """
     h, f, a, s, b = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, seq_len, micro_batch
+    sp = tp if sequence_parallel and tp > 1 else 1
     per_layer: float
     if recompute == "full":
-        per_layer = s * b * h * width  # the layer input; the rest is recomputed in backward
+        per_layer = s * b * h * width / sp  # the layer input; the rest is recomputed in backward
     elif recompute in ("off", "selective"):
-        per_layer = (4 * s * b * h + (5 * s * b * h + 2 * s * b * f) / tp) * width
+        per_layer = (4 * s * b * h / sp + (5 * s * b * h + 2 * s * b * f) / tp) * width
         if cfg.hidden_dropout > 0:
-            per_layer += 3 * s * b * h  # one-byte masks after attention, after the MLP, (embeddings: once)
+            per_layer += 3 * s * b * h / sp  # one-byte masks after attention, after the MLP, (embeddings: once)
         if cfg.attention_dropout > 0 and recompute == "off":
             per_layer += a * s * s * b / tp * (width + 1)  # probabilities kept for the dropout, and its mask
     else:
         raise ValueError(f"recompute {recompute!r} must be 'off', 'selective' or 'full'")
-    once = b * s * s * width + 3 * s * b * h * width + 4 * s * b * cfg.vocab_size / tp
+    once = b * s * s * width + (2 * s * b * h / sp + s * b * h) * width + 4 * s * b * cfg.vocab_size / tp
     return float(cfg.total_layers * per_layer + once)
 
 
 def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int = 0, micro_batch: int = 1,
-                    seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off") -> MemoryEstimate:
+                    seq_len: int = 2048, precision: str = "bfloat16", recompute: str = "off",
+                    sequence_parallel: bool = False) -> MemoryEstimate:
     """Memory of training one rank: ``precision`` of weights and gradients; Adam keeps fp32 master weights (when the
     precision is not fp32), m and v, i.e. 12 bytes a parameter (8 in fp32), sharded over DP by ZeRO 1 and up;
     ZeRO 2 also shards gradients, ZeRO 3 also parameters. The peak comes at the start of backward, when the logits
@@ -120,6 +126,6 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     parameters = params_local * w / (dp if zero_stage >= 3 else 1)
     gradients = params_local * w / (dp if zero_stage >= 2 else 1)
     optimizer = params_local * opt_bytes / (dp if zero_stage >= 1 else 1)
-    activations = activation_bytes(cfg, tp, micro_batch, seq_len, w, recompute)
+    activations = activation_bytes(cfg, tp, micro_batch, seq_len, w, recompute, sequence_parallel)
     transient = float(seq_len * micro_batch * cfg.vocab_size / tp * w)
     return MemoryEstimate(parameters, gradients, optimizer, activations, transient)

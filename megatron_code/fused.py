@@ -61,7 +61,7 @@ def compiled(name: str) -> Callable[..., Tensor]:
     """The fused (``torch.compile``d) version of ``bias_fast_gelu`` or ``bias_dropout_add``, compiled once per
     process on first use."""
     if name not in _COMPILED:
-        fn: Callable[..., Tensor] = {"bias_fast_gelu": _bias_fast_gelu_formula, "bias_dropout_add": bias_dropout_add}[name]
+        fn: Any = {"bias_fast_gelu": _bias_fast_gelu_formula, "bias_dropout_add": bias_dropout_add}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=False)
     return _COMPILED[name]
 

@@ -39,7 +39,7 @@ from megatron_code.attention import BACKENDS, MaskInfo, resolve_backends
 from megatron_code.config import ModelConfig
 from megatron_code.fused import elementwise
 from megatron_code.modality import build_separation
-from megatron_code.parallel import ParallelContext, allow_cpu_sequence_parallel, seed_device_initialisation
+from megatron_code.parallel import ParallelContext, prepare_sequence_parallel, seed_device_initialisation
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values (B, H, Tk, D)
 
@@ -62,6 +62,14 @@ class LayerNorm32(nn.LayerNorm):
 def _sp_bias(bias: Tensor, group: Any) -> Tensor:
     """A row-parallel bias added to a sequence slice: its gradient summed over the tensor-parallel group."""
     return bias if group is None else copy_to_tensor_model_parallel_region(bias, group=group)
+
+
+def _embedding(cfg: ModelConfig, mp: ModelParallelConfig, device: torch.device | None) -> nn.Embedding:
+    """A replicated (max_position_embeddings, C) table; its random draw is skipped when the weights will be loaded."""
+    shape = (cfg.max_position_embeddings, cfg.hidden_size)
+    if mp.perform_initialization:  # nn.Embedding draws N(0, 1) itself (then the model draws N(0, std))
+        return nn.Embedding(*shape, dtype=mp.params_dtype, device=device)
+    return nn.Embedding(*shape, _weight=torch.empty(shape, dtype=mp.params_dtype, device=device))
 
 
 def _normal(std: float) -> Any:
@@ -184,8 +192,8 @@ class CodeGeeXModel(nn.Module):
         self.cfg, self.pc = cfg, pc
         self.sequence_parallel = cfg.sequence_parallel and pc.tp_size > 1
         on_host = pc.device.type == "cpu"
-        if self.sequence_parallel and on_host:
-            allow_cpu_sequence_parallel()
+        if self.sequence_parallel:
+            prepare_sequence_parallel(pc)
         if initialize and not on_host:
             seed_device_initialisation(pc)
         mp = ModelParallelConfig(tensor_model_parallel_size=pc.tp_size, use_cpu_initialization=on_host,
@@ -198,16 +206,14 @@ class CodeGeeXModel(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=_normal(std),
                                                       config=mp, tp_group=pc.tp_group)
         self.docstring_embeddings = build_separation(cfg, pc, mp, _normal(std), dev)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=mp.params_dtype,
-                                                device=dev)
+        self.position_embeddings = _embedding(cfg, mp, dev)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, pc, mp, backends, fused) for _ in range(cfg.num_layers))
         self.final_layernorm = LayerNorm32(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=dev)
         self.top_query_embeddings: nn.Embedding | None = None
         self.top_query_layer: TransformerLayer | None = None
         if cfg.top_query_layer:
-            self.top_query_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                                     dtype=mp.params_dtype, device=dev)
+            self.top_query_embeddings = _embedding(cfg, mp, dev)
             self.top_query_layer = TransformerLayer(cfg, pc, mp, backends, fused, top_query=True)
         if initialize:
             with torch.no_grad():

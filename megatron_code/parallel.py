@@ -106,6 +106,17 @@ def collective_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
+def prepare_sequence_parallel(pc: ParallelContext) -> None:
+    """What megatron-core's sequence-parallel linears need beyond the process group: the one scratch buffer they
+    gather the sequence into (its only global; we pass every group explicitly), and, on a CPU, somewhere to put it."""
+    from megatron.core import parallel_state
+
+    if pc.device.type == "cpu":
+        allow_cpu_sequence_parallel()
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+
+
 def allow_cpu_sequence_parallel() -> None:
     """Let megatron-core's sequence-parallel mappings run on a machine without CUDA (gloo, CPU tensors).
 

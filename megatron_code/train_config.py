@@ -170,7 +170,8 @@ def resolve_precision(cfg: TrainConfig, cuda: bool) -> None:
         raise ConfigError(f"precision.dtype ({cfg.precision.dtype}) and model.params_dtype ({params}) disagree: "
                           f"{precision} trains {PRECISION_DTYPES[precision]} parameters; set one of them to match the "
                           "other, or to auto")
-    cfg.precision.dtype, cfg.model.params_dtype = precision, PRECISION_DTYPES[precision]
+    resolved: Any = PRECISION_DTYPES[precision]
+    cfg.precision.dtype, cfg.model.params_dtype = precision, resolved
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:

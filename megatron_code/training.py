@@ -38,6 +38,7 @@ from megatron_code.deepspeed_glue import (
     grad_norm,
     make_scheduler,
     parameter_groups,
+    prepare_deepspeed,
 )
 from megatron_code.flops import flops_per_token
 from megatron_code.model import CodeGeeXModel
@@ -134,6 +135,7 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     groups = parameter_groups(model, cfg.optim.weight_decay)
     stage = ds_config["zero_optimization"]["stage"]
     optimizer = client_optimizer(cfg, groups, guard=stage == 0 and cfg.precision.dtype == "fp32")
+    prepare_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
                                            mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg), dist_init_required=False)
     if pc.dp_size == 1:
