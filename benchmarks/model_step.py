@@ -16,19 +16,24 @@ import argparse
 import math
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.devices import DEVICES, peak_tflops_for_cuda_name
-from megatron_code.attention import MaskInfo
-from megatron_code.config import ModelConfig, load_preset
-from megatron_code.flops import flops_per_token
-from megatron_code.model import CodeGeeXModel
-from megatron_code.objectives import vocab_parallel_cross_entropy
-from megatron_code.parallel import single_context
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file where the project is not installed
+
+from common.devices import DEVICES, peak_tflops_for_cuda_name  # noqa: E402
+from megatron_code.attention import MaskInfo  # noqa: E402
+from megatron_code.config import ModelConfig, load_preset  # noqa: E402
+from megatron_code.flops import flops_per_token  # noqa: E402
+from megatron_code.model import CodeGeeXModel  # noqa: E402
+from megatron_code.objectives import vocab_parallel_cross_entropy  # noqa: E402
+from megatron_code.parallel import single_context  # noqa: E402
 
 
 class RefLayer(nn.Module):
@@ -144,11 +149,11 @@ def gpu_layers(steps: int) -> None:
     seq, batch = 2048, 4
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device="cuda")
     pos = torch.arange(seq, device="cuda").repeat(batch, 1)
-    seg = torch.zeros(batch, seq, dtype=torch.long, device="cuda")
+    mask = MaskInfo.from_documents(np.zeros((batch, seq), dtype=np.int64), "cuda")  # flash's metadata too
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        logits, _ = model(tokens[:, :-1], pos, MaskInfo(seg))
+        logits, _ = model(tokens[:, :-1], pos, mask)
         vocab_parallel_cross_entropy(logits, tokens[:, 1:], pc).mean().backward()
         torch.cuda.synchronize()
 

@@ -22,6 +22,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak for the matmuls")
     parser.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context, buffers, fragmentation")
+    parser.add_argument("--no-sequence-parallel", action="store_true",
+                        help="plan without sequence parallelism (on by default when TP > 1)")
     parser.add_argument("--top", type=int, default=15, help="rows of the ranked table")
     for flag in ("tp", "pp", "dp", "zero", "micro-batch"):
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"show only choices with this {flag}")
@@ -62,7 +64,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpus < 1 or args.global_batch < 1 or args.seq_len < 1:
         raise ConfigError("--gpus, --global-batch and --seq-len must be positive")
     req = PlanRequest(load_preset(args.model), args.gpus, device_from(args), args.global_batch, args.seq_len,
-                      args.precision, args.efficiency, args.reserve_gib)
+                      args.precision, args.efficiency, args.reserve_gib,
+                      sequence_parallel=not args.no_sequence_parallel)
     fits, rejected = plan(req)
     wanted = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "micro_batch": args.micro_batch,
               "recompute": args.recompute}

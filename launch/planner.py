@@ -9,7 +9,8 @@ The model of a step (all per device):
 - compute: model FLOPs (Megatron's convention) plus recomputation (full: one more forward; selective: the attention
   core again), at ``efficiency`` x peak, stretched by the pipeline bubble ``(PP-1)/m`` for m micro-batches.
 - tensor parallelism: 4 all-reduces of ``b s h`` per layer and micro-batch (6 with full recomputation), ring volume
-  ``2 (t-1)/t``, over the intra-node link, not overlapped.
+  ``2 (t-1)/t``, over the intra-node link, not overlapped; sequence parallelism (on by default with TP > 1) moves
+  the same volume as all-gathers and reduce-scatters and divides the replicated activations by TP.
 - data parallelism: gradient reduce-scatter + parameter all-gather ``2 (d-1)/d`` of the stage's parameters (ZeRO-3:
   3x, the parameters are gathered for forward and backward), over the inter-node link when the DP group leaves the
   node, overlapped with the backward pass (only the excess is exposed).
@@ -42,6 +43,7 @@ class PlanRequest:
     efficiency: float = 0.5
     reserve_gib: float = 3.0
     max_pp: int = 8
+    sequence_parallel: bool = True  # with TP > 1: LayerNorm/dropout/residual activations divided by TP too
 
 
 @dataclass
@@ -92,8 +94,9 @@ def structural_problem(req: PlanRequest, tp: int, pp: int, mb: int) -> str:
 
 def memory_gib(req: PlanRequest, tp: int, pp: int, dp: int, zero: int, mb: int, recompute: str) -> dict[str, float]:
     stage = dataclasses.replace(req.model, num_layers=req.model.total_layers // pp - int(req.model.top_query_layer))
-    est = memory_per_rank(stage, tp, dp, zero, mb, req.seq_len, req.precision, recompute)
-    act = activation_bytes(req.model, tp, mb, req.seq_len, BYTES[req.precision], recompute)
+    sp = req.sequence_parallel and tp > 1
+    est = memory_per_rank(stage, tp, dp, zero, mb, req.seq_len, req.precision, recompute, sp)
+    act = activation_bytes(req.model, tp, mb, req.seq_len, BYTES[req.precision], recompute, sp)
     # ZeRO-3 gathers a layer's parameters before use and prefetches the next: two layers' worth in full
     gathered = 2 * (4 * stage.hidden_size**2 + 2 * stage.hidden_size * stage.ffn_hidden_size) / tp * BYTES[req.precision]
     parts = {"parameters": est.parameters + (gathered if zero == 3 else 0.0), "gradients": est.gradients,

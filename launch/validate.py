@@ -93,7 +93,8 @@ def validate_job(config: str, world: int, overrides: list[str]) -> str:
             dist.destroy_process_group()
     dp = world // cfg.tp
     mem = memory_per_rank(cfg.model, cfg.tp, dp, cfg.zero_stage if dp > 1 else 0, cfg.micro_batch_size, seq,
-                          PRECISION_DTYPES[cfg.precision.dtype], cfg.activation_checkpointing)
+                          PRECISION_DTYPES[cfg.precision.dtype], cfg.activation_checkpointing,
+                          cfg.model.sequence_parallel and cfg.tp > 1)
     lines = [f"{config}: valid for {world} ranks = TP {cfg.tp} x DP {dp}; global batch "
              f"{cfg.data.global_batch_size} = micro-batch {cfg.micro_batch_size} x accumulation "
              f"{rows[0]['accumulation']} x DP {dp}; sequence {seq}; ZeRO stage {rows[0]['zero_stage']}",

@@ -28,8 +28,9 @@ class ModelConfig:
     init_method_std: float = option(0.02, "std of the normal init; output projections use std / sqrt(2 * layers)")
     fused_qkv: bool = option(False, "one QKV projection (heads interleaved as [head, q/k/v, dim]) instead of three")
     attention_backend: Literal["auto", "sdpa", "flex", "flash"] = option(
-        "auto", "sdpa: dense mask, any device; flex: FlexAttention block mask (GPU); flash: flash-attn varlen (GPU); "
-        "auto: flash, then flex on GPU, sdpa on CPU")
+        "auto", "sdpa: dense mask, any device, any use; flex: FlexAttention block mask (GPU; no attention dropout); "
+        "flash: flash-attn varlen (GPU; training without prefix); resolved once per use (train, prefix, cache): auto "
+        "takes flash, then flex, then sdpa on GPU, sdpa on CPU; a use an explicit choice cannot run takes auto's")
     params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "parameter dtype; auto: the training precision's (float32 outside training)")
     sequence_parallel: bool = option(False, "Megatron's sequence parallelism (TP > 1): LayerNorm, dropout, bias and "

@@ -62,7 +62,7 @@ def compiled(name: str) -> Callable[..., Tensor]:
     process on first use."""
     if name not in _COMPILED:
         fn: Any = {"bias_fast_gelu": _bias_fast_gelu_formula, "bias_dropout_add": bias_dropout_add}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
+        _COMPILED[name] = torch.compile(fn, dynamic=None)  # a second shape makes it shape-generic: no recompiles
     return _COMPILED[name]
 
 

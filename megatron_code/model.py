@@ -191,7 +191,8 @@ class CodeGeeXModel(nn.Module):
         cfg.check_tensor_parallel(pc.tp_size)
         self.cfg, self.pc = cfg, pc
         self.sequence_parallel = cfg.sequence_parallel and pc.tp_size > 1
-        on_host = pc.device.type == "cpu"
+        # built on the host (and so inside a caller's `with torch.device("meta")`) on a CPU or for the meta device
+        on_host = pc.device.type == "cpu" or torch.empty(0).device.type == "meta"
         if self.sequence_parallel:
             prepare_sequence_parallel(pc)
         if initialize and not on_host:

@@ -95,8 +95,14 @@ def single_context() -> ParallelContext:
     os.environ.setdefault("LOCAL_RANK", "0")
     if dist.get_world_size() != 1:
         raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
-    group = dist.new_group([0])
-    return ParallelContext(1, 0, 1, 0, group, group, 0, 1, collective_device())
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _SINGLE:  # one group per process (under NCCL each group is a communicator)
+        group = dist.new_group([0])
+        _SINGLE[key] = ParallelContext(1, 0, 1, 0, group, group, 0, 1, collective_device())
+    return _SINGLE[key]
+
+
+_SINGLE: dict[int, ParallelContext] = {}
 
 
 def collective_device(group: Any = None) -> torch.device:

@@ -138,7 +138,7 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     prepare_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
                                            mpu=MPUAdapter(pc), lr_scheduler=make_scheduler(cfg), dist_init_required=False)
-    if pc.dp_size == 1:
+    if pc.dp_size == 1 and stage == 0:  # ZeRO's optimizers need their reduction hooks even alone
         engine.enable_backward_allreduce = False  # one data-parallel rank: nothing to average, skip the bucket copies
     if getattr(optimizer, "guard_skip", None) is not None:
         engine.clip_fp32_gradients = lambda: None  # the trainer clips with the norm it already has (train_step)

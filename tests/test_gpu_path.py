@@ -279,3 +279,19 @@ def test_prepare_batch_builds_masks_on_the_host():
         inp = prepare_batch(packed_batch())
     assert counter.count == 0, counter.report()
     assert inp.mask.cu_seqlens is not None and inp.mask.max_seqlen > 0
+
+
+def test_bf16_alone_with_the_default_zero_stage(store, tmp_path):
+    """One data-parallel rank, bf16 (what precision auto gives on one GPU) and the default ZeRO-2: ZeRO keeps its
+    reduction hooks (without them DeepSpeed fails at the first step) and the step trains."""
+    from megatron_code.train_config import TrainConfig
+    from megatron_code.training import build, prepare_batch, train_step
+
+    cfg = load_config(TrainConfig, values={k: v for k, v in values(store, str(tmp_path), precision={"dtype": "bf16"},
+                                                                   micro_batch_size=4, train_steps=2).items()
+                                           if k != "zero_stage"})
+    assert cfg.zero_stage == 2
+    pc, model, engine, sampler = build(cfg)
+    losses = [train_step(engine, pc, [prepare_batch(sampler.next_batch(), pc.device)]) for _ in range(2)]
+    assert all(np.isfinite(r.loss) and not r.skipped for r in losses), losses
+    assert {str(p.dtype) for p in model.parameters()} == {"torch.bfloat16"}

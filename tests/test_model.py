@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,11 +81,12 @@ def test_backends_agree_with_and_without_prefix():
 def test_gpu_backends_agree():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    seg = torch.cat([torch.zeros(2, 100), torch.ones(2, 156)], dim=1).long().cuda()
-    ref = BACKENDS["sdpa"](q.float(), k.float(), v.float(), MaskInfo(seg), 0.125, 0.0)
-    torch.testing.assert_close(BACKENDS["flex"](q, k, v, MaskInfo(seg), 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
+    docs = np.concatenate([np.zeros((2, 100)), np.ones((2, 156))], axis=1).astype(np.int64)
+    mask = MaskInfo.from_documents(docs, "cuda")
+    ref = BACKENDS["sdpa"](q.float(), k.float(), v.float(), mask, 0.125, 0.0)
+    torch.testing.assert_close(BACKENDS["flex"](q, k, v, mask, 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
     pytest.importorskip("flash_attn")
-    torch.testing.assert_close(BACKENDS["flash"](q, k, v, MaskInfo(seg), 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(BACKENDS["flash"](q, k, v, mask, 0.125, 0.0).float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

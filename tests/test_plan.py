@@ -20,7 +20,9 @@ from tests.train_utils import values, write_config
 
 
 def codegeex_run() -> PlanRequest:
-    return PlanRequest(load_preset("codegeex-13b"), 1536, DEVICES["Ascend910"], 3072, 2048, "float16")
+    # CodeGeeX's own run (MindSpore on Ascend) had no sequence parallelism
+    return PlanRequest(load_preset("codegeex-13b"), 1536, DEVICES["Ascend910"], 3072, 2048, "float16",
+                       sequence_parallel=False)
 
 
 def test_codegeex_own_run_fits_only_with_recomputation():
@@ -35,6 +37,15 @@ def test_codegeex_own_run_fits_only_with_recomputation():
     assert 0 < own.mfu < no_ckpt.mfu < req.efficiency  # recomputation and communication cost time
     assert all(a.step_s <= b.step_s for a, b in zip(fits, fits[1:], strict=False))
     assert all(c.memory["total"] <= 32 for c in fits)
+
+
+def test_sequence_parallelism_divides_the_replicated_activations():
+    sp, plain = codegeex_run(), codegeex_run()
+    sp.sequence_parallel = True
+    on = {c.key: c for c in sum(plan(sp), [])}[(8, 1, 192, 2, 16, "off")].memory["activations"]
+    off = {c.key: c for c in sum(plan(plain), [])}[(8, 1, 192, 2, 16, "off")].memory["activations"]
+    # 13B at TP=8: per layer (4 + (5 + 8)/8) sbh -> (9 + 8)/8 sbh; the logits' softmax and document mask stay
+    assert 0.3 < on / off < 0.6, (on, off)
 
 
 @pytest.mark.parametrize("tp, pp, mb, reason", [
