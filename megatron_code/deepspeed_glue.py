@@ -75,7 +75,7 @@ def prepare_deepspeed() -> None:
         return original(self, verbose)
 
     jit_load.announced = True  # type: ignore[attr-defined]
-    OpBuilder.jit_load = jit_load  # type: ignore[method-assign]
+    OpBuilder.jit_load = jit_load
 
 
 def deepspeed_config(cfg: TrainConfig, dp: int, cuda: bool | None = None) -> dict[str, Any]:
