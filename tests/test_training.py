@@ -78,15 +78,16 @@ def test_tp2_and_dp2_equal_the_single_process_run(store, tmp_path):
     accum = run_configs([values(store, str(tmp_path / "accum"), micro_batch_size=2)])[0]  # accumulation 2
     tp2 = values(store, str(tmp_path / "tp2"), tp=2, micro_batch_size=4)
     dp2 = values(store, str(tmp_path / "dp2"), micro_batch_size=2)
-    got_tp2, got_dp2 = run_ranks(run_configs, 2, [tp2, dp2])[0]
+    sp2 = values(store, str(tmp_path / "sp2"), tp=2, micro_batch_size=4, model__sequence_parallel=True)
+    got_tp2, got_dp2, got_sp2 = run_ranks(run_configs, 2, [tp2, dp2, sp2])[0]
     want = np.array([r["loss"] for r in ref])
-    for got in (accum, got_tp2, got_dp2):
+    for got in (accum, got_tp2, got_dp2, got_sp2):
         np.testing.assert_allclose([r["loss"] for r in got], want, **TOL)
     # the gradient norm counts tensor-parallel replicas (LayerNorms, row-parallel biases) once; the same without ZeRO
     # (DP=1, our clipping hook) and with it (DP=2, DeepSpeed's ZeRO optimizer)
     norms = np.array([r["grad_norm"] for r in ref])
     assert (norms > 0).all()
-    for got in (got_tp2, got_dp2):
+    for got in (got_tp2, got_dp2, got_sp2):  # sequence parallelism: LayerNorm gradients summed over the slices
         np.testing.assert_allclose([r["grad_norm"] for r in got], norms, rtol=1e-4)
 
 
