@@ -9,8 +9,8 @@ QS ?= runs/quickstart
 HUMANEVAL_X ?= ../shared/humaneval-x
 PIP := $(BIN)/python -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# DeepSpeed's JIT-compiled ops (fused Adam, shared-memory comm) live with the environment that built them, and are
-# built once at install time, not by several ranks at once in the middle of a run.
+# The trainer needs no DeepSpeed op compiled (torch's fused AdamW; DeepSpeed's CPU shared-memory all-reduce is
+# switched off, megatron_code/deepspeed_glue.py); should DeepSpeed ever compile one, it lands with the environment.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 # Debian packages the launcher tests (a real SLURM) and the evaluation sandbox and runners need.
@@ -26,8 +26,6 @@ $(BIN)/python:
 # Re-run the install only when the packaging changes.
 $(STAMP): setup.py pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e '.[train,dev]'
-	$(BIN)/python -W ignore -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load(); \
-	    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 install: $(STAMP)
