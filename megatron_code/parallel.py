@@ -95,14 +95,14 @@ def single_context() -> ParallelContext:
     os.environ.setdefault("LOCAL_RANK", "0")
     if dist.get_world_size() != 1:
         raise RuntimeError("single_context() in a multi-rank job; use build_parallel_context()")
-    key = id(dist.distributed_c10d._get_default_group())
-    if key not in _SINGLE:  # one group per process (under NCCL each group is a communicator)
+    default = dist.distributed_c10d._get_default_group()
+    if id(default) not in _SINGLE:  # one group per process group's life (under NCCL each group is a communicator)
         group = dist.new_group([0])
-        _SINGLE[key] = ParallelContext(1, 0, 1, 0, group, group, 0, 1, collective_device())
-    return _SINGLE[key]
+        _SINGLE[id(default)] = (default, ParallelContext(1, 0, 1, 0, group, group, 0, 1, collective_device()))
+    return _SINGLE[id(default)][1]
 
 
-_SINGLE: dict[int, ParallelContext] = {}
+_SINGLE: dict[int, tuple[Any, ParallelContext]] = {}  # the default group held, so its id is never reused
 
 
 def collective_device(group: Any = None) -> torch.device:
