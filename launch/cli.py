@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from common.config import ConfigError
 from common.logs import setup_logging
-from launch.launchers import extensions_dir
+from launch.launchers import GPU_ENVIRONMENT, extensions_dir
 
 # group name -> (module with register(parser), one-line help). Later jobs add their group here.
 GROUPS: dict[str, tuple[str, str]] = {
@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # give it: a JIT build, if DeepSpeed ever needs one, goes to this environment, not to a ~/.cache shared with
         # other environments and their stale locks. Set before the handler imports deepspeed.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+        import torch  # asks the driver for devices without creating a CUDA context, so the variables still apply
+
+        if torch.cuda.is_available():  # the workers' own view: right also when launched from a CPU head node
+            for key, value in GPU_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
     func = getattr(args, "func", None)
     if func is None:
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])

@@ -74,7 +74,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out = [f"{args.model} on {args.gpus} x {dev.name} ({dev.memory_gib:g} GiB, {dev.peak_tflops:g} TFLOP/s, "
            f"{dev.per_node} per node), global batch {args.global_batch} x {args.seq_len} tokens, {args.precision}, "
            f"efficiency {args.efficiency:.0%}, reserve {args.reserve_gib:g} GiB",
-           f"{len(fits)} choices fit, {len(rejected)} do not", ""]
+           f"{len(fits)} choices fit, {len(rejected)} do not"
+           + ("; rows with TP > 1 assume sequence parallelism: train them with model.sequence_parallel=true"
+              if req.sequence_parallel else ""), ""]
     filtered = any(v is not None for v in wanted.values())
     ranks = {c.key: i for i, c in enumerate(fits, 1)}
     out.append(format_table(keep if filtered else fits, args.top if not filtered else len(keep), ranks))

@@ -8,6 +8,7 @@ forward and backward at the data's sequence length, and the data sources.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,11 @@ def _rank_dry_run(cfg: Any, rank: int, world: int, seq: int) -> dict[str, Any]:
     pc = build_parallel_context(cfg.tp)
     cfg.model.check_tensor_parallel(pc.tp_size)
     ds = deepspeed_config(cfg, pc.dp_size)
-    with torch.device("meta"):
-        model = CodeGeeXModel(cfg.model, pc)
+    if cfg.model.sequence_parallel and pc.tp_size > 1 and seq % pc.tp_size:
+        raise ConfigError(f"model.sequence_parallel splits the sequence ({seq}) over tp ({pc.tp_size}): it must "
+                          "divide it")
+    with torch.device("meta"):  # sequence parallelism changes no shape here; its buffers cannot live on meta
+        model = CodeGeeXModel(dataclasses.replace(cfg.model, sequence_parallel=False), pc)
         b = cfg.micro_batch_size
         tokens = torch.zeros(b, seq, dtype=torch.long)  # (B, T)
         positions = torch.arange(seq).expand(b, seq)  # (B, T)

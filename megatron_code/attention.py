@@ -128,16 +128,20 @@ def flash_available() -> bool:
 USES = ("train", "prefix", "cache")
 
 
-def can_run(backend: str, use: str, dropout: float, device: torch.device) -> bool:
-    """Whether ``backend`` computes ``use`` (with attention dropout ``dropout`` in training) on ``device``."""
+def can_run(backend: str, use: str, dropout: float, device: torch.device,
+            dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``backend`` computes ``use`` (with attention dropout ``dropout`` in training) on ``device`` for
+    ``dtype`` activations. flex is never chosen for generation's cache: its shapes change every step, and compiled
+    flex would recompile (and rebuild its block mask) for each."""
     if backend == "flash":
-        return use == "train" and device.type == "cuda"
+        return use == "train" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if backend == "flex":
-        return use == "cache" or dropout == 0.0
+        return use != "cache" and dropout == 0.0
     return backend == "sdpa"
 
 
-def resolve_backends(name: str, device: torch.device, dropout: float) -> dict[str, str]:
+def resolve_backends(name: str, device: torch.device, dropout: float,
+                     dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
     """The backend of every use for ``attention_backend`` ``name`` on ``device``; raises when an explicit choice is
     not installed here."""
     if name == "flash" and not flash_available():
@@ -149,11 +153,10 @@ def resolve_backends(name: str, device: torch.device, dropout: float) -> dict[st
         auto = (["flash"] if flash_available() else []) + ["flex", "sdpa"]
     chosen: dict[str, str] = {}
     for use in USES:
-        if name != "auto" and can_run(name, use, dropout, device):
+        if name != "auto" and can_run(name, use, dropout, device, dtype):
             chosen[use] = name
             continue
-        # generation's query and key lengths change every step: compiled flex would recompile for each
-        chosen[use] = next(b for b in auto if can_run(b, use, dropout, device) and not (use == "cache" and b == "flex"))
+        chosen[use] = next(b for b in auto if can_run(b, use, dropout, device, dtype))
         if name != "auto":
             log.info("attention_backend %r cannot run %s attention here; that use takes %r", name, use, chosen[use])
     return chosen

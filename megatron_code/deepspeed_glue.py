@@ -100,8 +100,11 @@ def deepspeed_config(cfg: TrainConfig, dp: int, cuda: bool | None = None) -> dic
     }
     if p.dtype == "bf16":
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
-        if stage >= 1:
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}  # micro-batch gradients summed in fp32
+        if stage >= 1:  # ZeRO-1 then sums micro-batch gradients in fp32 (DeepSpeed's bf16 optimizer)
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        if stage >= 2 and cfg.accumulation(dp) > 1:
+            log.warning("bf16 with ZeRO-%d sums the %d micro-batches' gradients in bf16 (DeepSpeed's ZeRO-2/3 do not "
+                        "accumulate in fp32); zero_stage=1 sums them in fp32", stage, cfg.accumulation(dp))
     elif p.dtype == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.initial_scale_power,
                       "loss_scale_window": p.loss_scale_window, "hysteresis": p.hysteresis,

@@ -202,7 +202,7 @@ class CodeGeeXModel(nn.Module):
                                  sequence_parallel=self.sequence_parallel)
         dev = None if on_host else pc.device  # on the host: wherever the caller's device context says (meta too)
         std = cfg.init_method_std
-        backends = resolve_backends(cfg.attention_backend, pc.device, cfg.attention_dropout)
+        backends = resolve_backends(cfg.attention_backend, pc.device, cfg.attention_dropout, mp.params_dtype)
         fused = cfg.fused_elementwise and not on_host
         self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=_normal(std),
                                                       config=mp, tp_group=pc.tp_group)

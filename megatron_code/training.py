@@ -172,7 +172,9 @@ class StepResult:
 def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs], stop_flag: float = 0.0,
                nan: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches, with one host sync: the loss, the token count, the agreed
-    stop signal and (without ZeRO) the gradient norm are read from the device together, before the update."""
+    stop signal and (without ZeRO) the gradient norm are read from the device together: before the update without
+    ZeRO (whether to skip it depends on the norm), after it with ZeRO (so the device is not drained before the
+    optimizer is even launched)."""
     accumulation = len(micros)
     # every token of the global batch weighs the same, however it is split into micro-batches and ranks
     total = torch.stack([m.loss_mask.sum() for m in micros]).sum().reshape(1)  # (1,) on the device
@@ -198,6 +200,8 @@ def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs], stop
     stop = torch.full((1,), float(stop_flag), device=pc.device)
     if pc.world_size > 1:
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if not guarded:
+        engine.step()  # ZeRO's optimizer checks overflow and clips itself
     loss_sum, count, stopping, norm_value = torch.cat([summed, total, stop, norm]).tolist()  # the one host sync
     mean = loss_sum / max(count, 1.0)
     if guarded:
@@ -205,7 +209,7 @@ def train_step(engine: Any, pc: ParallelContext, micros: list[ModelInputs], stop
         if not optimizer.guard_skip:
             clip_with(params, norm, engine.gradient_clipping())
         engine._global_grad_norm = norm_value
-    engine.step()
+        engine.step()
     skipped = not getattr(engine, "_step_applied", True) or not math.isfinite(mean)
     return StepResult(mean, skipped, stopping > 0, norm_value if guarded else None)
 
@@ -265,12 +269,16 @@ def resume_point(cfg: TrainConfig, engine: Any, sampler: DataSampler) -> tuple[i
     return state["step"], state["skipped_steps"]
 
 
-def step_values(engine: Any, result: StepResult, skipped_total: int) -> dict[str, Any]:
-    """A step's metrics: loss, learning rate, gradient norm, loss scale, skipped steps so far."""
+def step_values(engine: Any, result: StepResult, skipped_total: int, logging_step: bool) -> dict[str, Any]:
+    """A step's metrics: loss, learning rate, gradient norm, loss scale, skipped steps so far. With ZeRO the norm is
+    DeepSpeed's device tensor: read (a host sync) only on logging steps."""
     scale = getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0))
-    norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
-    return {"loss": result.loss, "lr": float(engine.get_lr()[0]), "grad_norm": float(norm or 0.0),
-            "loss_scale": float(scale or 1.0), "skipped_steps": skipped_total}
+    values = {"loss": result.loss, "lr": float(engine.get_lr()[0]), "loss_scale": float(scale or 1.0),
+              "skipped_steps": skipped_total}
+    if result.grad_norm is not None or logging_step:
+        norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
+        values["grad_norm"] = float(norm) if norm is not None else 0.0
+    return values
 
 
 def log_step(step: int, train_steps: int, last: dict[str, Any]) -> None:
@@ -308,8 +316,9 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             raise RuntimeError(f"stopping: {consecutive} steps in a row skipped for NaN/Inf loss or gradients "
                                f"(faults.max_consecutive_skipped = {cfg.faults.max_consecutive_skipped}); last at step {step}")
         speed.steps += 1
-        last = step_values(engine, result, skipped_total)
-        if step % cfg.log.interval == 0 or step == cfg.train_steps:
+        logging_step = step % cfg.log.interval == 0 or step == cfg.train_steps
+        last = step_values(engine, result, skipped_total, logging_step)
+        if logging_step:
             last.update(speed.report())
             log_step(step, cfg.train_steps, last)
         if cfg.validation.path and step % cfg.validation.interval == 0:

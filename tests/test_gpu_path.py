@@ -113,17 +113,20 @@ def test_attention_backends_per_use_and_metadata_from_the_host():
     no_flash = resolve_backends("auto", cuda, 0.0)
     assert no_flash == {"train": "flex", "prefix": "flex", "cache": "sdpa"} or no_flash["train"] == "flash"
     assert resolve_backends("auto", cuda, 0.1)["train"] in ("flash", "sdpa")
-    assert resolve_backends("flex", cuda, 0.1) == {"train": "sdpa", "prefix": "sdpa", "cache": "flex"}
+    assert resolve_backends("flex", cuda, 0.1) == {"train": "sdpa", "prefix": "sdpa", "cache": "sdpa"}
+    assert resolve_backends("flex", cuda, 0.0) == {"train": "flex", "prefix": "flex", "cache": "sdpa"}
+    assert not can_run("flash", "train", 0.0, cuda, torch.float32)  # flash-attn takes only fp16 and bf16
     for name in BACKENDS:
         for dropout in (0.0, 0.1):
             for device in (cpu, cuda):
-                try:
-                    table = resolve_backends(name, device, dropout)
-                except RuntimeError as exc:  # flash without flash-attn
-                    assert "flash-attn" in str(exc)
-                    continue
-                for use, backend in table.items():
-                    assert can_run(backend, use, dropout, device), (name, dropout, device, use, backend)
+                for dtype in (torch.float32, torch.bfloat16):
+                    try:
+                        table = resolve_backends(name, device, dropout, dtype)
+                    except RuntimeError as exc:  # flash without flash-attn
+                        assert "flash-attn" in str(exc)
+                        continue
+                    for use, backend in table.items():
+                        assert can_run(backend, use, dropout, device, dtype), (name, dropout, device, use, backend)
     with pytest.raises(ValueError, match="attention_backend 'dense' must be one of"):
         resolve_backends("dense", cpu, 0.0)
     # flash's cu_seqlens and max_seqlen come from the sampler's document ids, on the host

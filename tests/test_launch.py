@@ -131,6 +131,14 @@ def test_train_entry_defaults_torch_extensions_dir(clean_env):
     clean_env.setenv("TORCH_EXTENSIONS_DIR", "/mine")
     assert main(["train", "--config", "unused.yaml"]) == 0
     assert seen == [ENV_EXTENSIONS, "/mine"]
+    # a rank on a GPU machine sets the GPU variables itself (however it was started), keeping the user's
+    assert not [k for k in GPU_VARIABLES if k in os.environ]
+    import torch
+
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setenv("TORCH_NCCL_AVOID_RECORD_STREAMS", "0")
+    assert main(["train", "--config", "unused.yaml"]) == 0
+    assert {k: os.environ[k] for k in GPU_VARIABLES} == {**GPU_VARIABLES, "TORCH_NCCL_AVOID_RECORD_STREAMS": "0"}
 
 
 def test_slurm_script_exports_gpu_variables_with_submit_time_values_winning(store, tmp_path, capsys):

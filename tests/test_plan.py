@@ -111,6 +111,13 @@ def test_validate_builds_the_job_for_many_ranks_on_fake_groups(tmp_path, capsys)
                         (["--world-size", "40"], r"global_batch_size \(64\) must be a multiple of micro_batch_size "
                                                  r"\(2\) x data-parallel size \(10\)"),
                         (["--world-size", "24", "tp=3"], r"num_attention_heads \(4\)"),
-                        (["--world-size", "8", "model.max_position_embeddings=16"], r"seq_len \(32\) exceeds")):
+                        (["--world-size", "8", "model.max_position_embeddings=16"], r"seq_len \(32\) exceeds"),
+                        (["--world-size", "24", "tp=3", "model.num_attention_heads=3", "model.hidden_size=33",
+                          "model.ffn_hidden_size=66", "model.vocab_size=129", "model.sequence_parallel=true",
+                          "data.global_batch_size=16"],
+                         r"sequence_parallel splits the sequence \(32\) over tp \(3\)")):
         with pytest.raises(ConfigError, match=error):
             validate_job(cfg, int(argv[1]), argv[2:])
+    # with sequence parallelism: the same shapes, and its smaller activations in the prediction
+    report = validate_job(cfg, 32, ["model.sequence_parallel=true"])
+    assert "valid for 32 ranks" in report
