@@ -207,8 +207,8 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def optimizer_dtypes(engine: Any) -> dict[str, list[str]]:
-    """The dtypes of the weights the optimizer updates (DeepSpeed's fp32 partitions or groups, as
-    tests/test_gpu_path.py looks) and of its Adam state."""
+    """The dtypes of the weights the optimizer updates (DeepSpeed's fp32 partitions or groups) and of its Adam state
+    (also tests/test_gpu_path.py's check of every ZeRO stage)."""
     opt = engine.optimizer
     masters: set[str] = set()
     for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat",

@@ -156,6 +156,7 @@ def test_model_resolves_backends_once(monkeypatch):
 
 
 def _precision_run(store: str, tmp: str) -> dict[str, Any]:
+    from benchmarks.gpu_acceptance import optimizer_dtypes
     from megatron_code.train_config import TrainConfig
     from megatron_code.training import build, prepare_batch, train_step
 
@@ -165,28 +166,10 @@ def _precision_run(store: str, tmp: str) -> dict[str, Any]:
         cfg = load_config(TrainConfig, values=v)
         pc, model, engine, sampler = build(cfg)
         result = train_step(engine, pc, [prepare_batch(sampler.next_batch(), pc.device)])
-        masters = _master_dtypes(engine)
-        states = {str(t.dtype) for st in engine.optimizer.state.values() for t in st.values()
-                  if torch.is_tensor(t) and t.dim() > 0} if hasattr(engine.optimizer, "state") else set()
-        out[f"stage{stage}"] = {"params": sorted({str(p.dtype) for p in model.parameters()}), "masters": masters,
-                                "states": sorted(states), "loss": result.loss, "skipped": result.skipped}
+        dtypes = optimizer_dtypes(engine)
+        out[f"stage{stage}"] = {"params": sorted({str(p.dtype) for p in model.parameters()}), **dtypes,
+                                "loss": result.loss, "skipped": result.skipped}
     return out
-
-
-def _master_dtypes(engine: Any) -> list[str]:
-    """The dtypes of the weights the optimizer updates (DeepSpeed's fp32 partitions or groups)."""
-    opt = engine.optimizer
-    found: set[str] = set()
-    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat",
-                 "fp32_groups_flat", "fp32_groups"):
-        for t in getattr(opt, attr, None) or []:
-            for leaf in t if isinstance(t, list) else [t]:
-                if torch.is_tensor(leaf):
-                    found.add(str(leaf.dtype))
-    inner = getattr(opt, "optimizer", opt)
-    for group in inner.param_groups:
-        found |= {str(p.dtype) for p in group["params"]}
-    return sorted(found)
 
 
 @pytest.mark.distributed
