@@ -119,4 +119,7 @@ def wait_job(job: str, env: dict[str, str], timeout: float = 300) -> list[dict[s
         if records and all(r.get("JobState") in TERMINAL for r in records):
             return records
         time.sleep(1)
-    raise AssertionError(f"job {job} not finished within {timeout} s: {[r.get('JobState') for r in records]}")
+    states = [(r.get("JobId"), r.get("JobState"), r.get("Reason"), r.get("Dependency")) for r in records]
+    log = Path(env.get("SLURM_CONF", "")).parent / "log" / "slurmctld.log"
+    tail = log.read_text()[-3000:] if log.is_file() else "(no slurmctld log)"
+    raise AssertionError(f"job {job} not finished within {timeout} s: {states}\nslurmctld log tail:\n{tail}")
