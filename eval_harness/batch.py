@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 from common.io import make_read_only, tree
 from eval_harness.execution import Job, result_row, run_program
-from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
+from eval_harness.sandbox import Limits, RunResult, compile_limits, isolation_available, run_sandboxed
+from eval_harness.workdirs import work_dir
 
 Members = list[tuple[int, Job]]  # (index in the batch, job)
 Done = Callable[[Job, dict[str, Any]], None]
@@ -104,9 +104,9 @@ def run_batch(part: BatchPart, jobs: list[Job], limits: Limits, workers: int, do
     joined = {i for i, _ in members}
 
     def run_alone(job: Job) -> None:
-        done(job, run_program(job.program, job.sentinel, limits))
+        done(job, run_program(job.program, limits))
 
-    with tempfile.TemporaryDirectory(prefix=part.prefix, dir=work_root()) as tmp, \
+    with work_dir(isolation_available(), part.prefix) as tmp, \
             ThreadPoolExecutor(max(1, workers)) as pool:
         root = Path(tmp)
         futures = [pool.submit(run_alone, job) for i, job in enumerate(jobs) if i not in joined]
@@ -133,9 +133,10 @@ def run_batch(part: BatchPart, jobs: list[Job], limits: Limits, workers: int, do
 def _run_members(part: BatchPart, root: Path, built: Members, share_s: float, limits: Limits,
                  pool: ThreadPoolExecutor, done: Done) -> list[Future[None]]:
     def run_one(index: int, job: Job) -> None:
-        with tempfile.TemporaryDirectory(prefix="codegeex-exec-", dir=work_root()) as wd:
-            result = run_sandboxed(part.run_command(root, index), Path(wd), limits, job.program.env)
-        row = result_row(job.program, job.sentinel, None, result, limits)
+        with work_dir(isolation_available()) as wd:
+            result = run_sandboxed(part.run_command(root, index), Path(wd), limits, job.program.env,
+                                   [str(root), *job.program.readonly], attest=job.program.attest)
+        row = result_row(None, result, limits)
         row["compile_s"] = round(share_s, 4)  # the batch build, shared out
         done(job, row)
 

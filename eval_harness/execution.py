@@ -2,36 +2,36 @@
 under its own timeout, run it in the sandbox, classify the outcome.
 
 Statuses: passed, failed, compile_error, timeout, runtime_error, sandbox_violation. A program passes only when it
-exits 0 *and* shows a random sentinel that the harness places after the tests.
+exits 0 *and* its epilogue attested that the tests ran to their end (the sentinel protocol of
+:mod:`eval_harness.sandbox`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import secrets
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eval_harness.datasets import Problem, is_mbpp
 from eval_harness.runners import BUILDERS, Program, link_tree
-from eval_harness.sandbox import Limits, RunResult, compile_limits, run_sandboxed, work_root
+from eval_harness.sandbox import Limits, RunResult, compile_limits, isolation_available, run_sandboxed
 from eval_harness.tasks import Kind
+from eval_harness.workdirs import work_dir
 
 STATUSES = ("passed", "failed", "compile_error", "timeout", "runtime_error", "sandbox_violation")
 FAILURE_MARKS = ("AssertionError", "Assertion failed", "Assertion `", "--- FAIL", "Error Trace:")
 SYNTAX_MARKS = ("SyntaxError", "IndentationError", "TabError")
 
 
-def classify(compiled: RunResult | None, result: RunResult | None, sentinel: str, on_stderr: bool = False) -> str:
+def classify(compiled: RunResult | None, result: RunResult | None) -> str:
     if compiled is not None and (compiled.timed_out or compiled.returncode != 0):
         return "timeout" if compiled.timed_out else "compile_error"
     assert result is not None
     if result.timed_out:
         return "timeout"
-    if result.returncode == 0 and sentinel in (result.stderr if on_stderr else result.stdout):
+    if result.returncode == 0 and result.attested:
         return "passed"
     if result.returncode == -signal.SIGXFSZ or "[Errno 27] File too large" in result.stderr:
         return "sandbox_violation"  # wrote or printed more than the file-size limit
@@ -42,50 +42,43 @@ def classify(compiled: RunResult | None, result: RunResult | None, sentinel: str
     return "runtime_error"
 
 
-def new_sentinel() -> str:
-    return f"codegeex-tests-done-{secrets.token_hex(8)}"
-
-
-def program_digest(program: Program, sentinel: str) -> str:
-    """Identifies a program whatever its sentinel: identical programs are run once."""
-    text = "\0".join(f"{k}\0{v}" for k, v in sorted(program.files.items())).replace(sentinel, "")
+def program_digest(program: Program) -> str:
+    """Identifies a program: identical programs are run once."""
+    text = "\0".join(f"{k}\0{v}" for k, v in sorted(program.files.items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_program(program: Program, sentinel: str, limits: Limits) -> dict[str, Any]:
+def run_program(program: Program, limits: Limits) -> dict[str, Any]:
     """Compile (own timeout, stretched by load) and run one program in fresh directories; the result row."""
     compiled = result = None
-    with tempfile.TemporaryDirectory(prefix="codegeex-exec-", dir=work_root()) as tmp:
+    with work_dir(isolation_available()) as tmp:
         work = Path(tmp)
         for name, text in program.files.items():
             (work / name).write_text(text)
         for name, tree in program.linked.items():
             link_tree(Path(tree), work / name)
         if program.compile:
-            compiled = run_sandboxed(program.compile, work, compile_limits(limits), program.env)
+            compiled = run_sandboxed(program.compile, work, compile_limits(limits), program.env, program.readonly)
         if compiled is None or (compiled.returncode == 0 and not compiled.timed_out):
-            result = run_sandboxed(program.run, work, limits, program.env)
-    return result_row(program, sentinel, compiled, result, limits)
+            result = run_sandboxed(program.run, work, limits, program.env, program.readonly, attest=program.attest)
+    return result_row(compiled, result, limits)
 
 
-def result_row(program: Program, sentinel: str, compiled: RunResult | None, result: RunResult | None,
-               limits: Limits) -> dict[str, Any]:
+def result_row(compiled: RunResult | None, result: RunResult | None, limits: Limits) -> dict[str, Any]:
     last = result or compiled
     assert last is not None
-    return {"status": classify(compiled, result, sentinel, program.sentinel_on_stderr), "exit_code": last.returncode,
+    return {"status": classify(compiled, result), "exit_code": last.returncode,
             "compile_s": round(compiled.duration_s, 4) if compiled else 0.0,
             "run_s": round(result.duration_s, 4) if result else 0.0,
-            "output": (last.stdout + last.stderr).replace(sentinel, "<sentinel>")[-limits.output_bytes:],
-            "isolated": last.isolated}
+            "output": (last.stdout + last.stderr)[-limits.output_bytes:], "isolated": last.isolated}
 
 
 @dataclass
 class Job:
-    """One sample's program, ready to run: the sample's fields, the program, its sentinel and its digest."""
+    """One sample's program, ready to run: the sample's fields, the program and its digest."""
 
     sample: dict[str, Any]
     program: Program
-    sentinel: str
     digest: str
 
 
@@ -109,15 +102,14 @@ def code_and_test(sample: dict[str, Any], problem: Problem) -> tuple[str, str]:
 def make_job(sample: dict[str, Any], problem: Problem) -> Job:
     """The program of ``sample`` (which has at least ``kind`` and ``completion``) for ``problem``."""
     code, test = code_and_test(sample, problem)
-    sentinel = new_sentinel()
-    program = BUILDERS[problem.language](code + sample["completion"], test, problem.extra, sentinel)
-    return Job(sample, program, sentinel, program_digest(program, sentinel))
+    program = BUILDERS[problem.language](code + sample["completion"], test, problem.extra)
+    return Job(sample, program, program_digest(program))
 
 
 def execute(problem: Problem, completion: str, limits: Limits | None = None) -> dict[str, Any]:
     """One generation sample: the problem's prompt (none for MBPP, whose completion is the whole solution) +
     ``completion``, then the problem's tests."""
     job = make_job({"kind": Kind.GENERATION, "completion": completion}, problem)
-    row = run_program(job.program, job.sentinel, limits or Limits())
+    row = run_program(job.program, limits or Limits())
     row["program_sha256"] = job.digest
     return row

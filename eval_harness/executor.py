@@ -57,9 +57,10 @@ def execute_jobs(jobs: list[Job], limits: Limits, workers: int, on_result: Calla
                 on_result({**twin.sample, **row, "passed": row["status"] == "passed", "cached": i > 0})
 
     def run_single(job: Job) -> None:
-        done(job, run_program(job.program, job.sentinel, limits))
+        done(job, run_program(job.program, limits))
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         futures = [pool.submit(run_single, j) for j in unique if not any(part.claims(j) for part in BATCHED)]
         for part in BATCHED:  # build batch i while the other languages run
             mine = [j for j in unique if part.claims(j)]
@@ -67,6 +68,10 @@ def execute_jobs(jobs: list[Job], limits: Limits, workers: int, on_result: Calla
                 run_batch(part, mine[i:i + batch_size], limits, max(1, workers), done)
         for f in as_completed(futures):
             f.result()
+    except BaseException:  # a stop (or a failure of the sandbox itself): nothing queued starts
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return {"jobs": len(jobs), "unique_programs": len(unique), "seconds": time.perf_counter() - start}
 
 

@@ -3,8 +3,8 @@ binary, and each sample then runs alone, in its own sandbox and fresh directory,
 
 Per sample, ``go test -c`` costs ~0.5 s here, nearly all of it the go command and the linker; a batch of 40 builds in
 ~1.1 s. Each sample becomes package ``cgbatch/pN`` (its tests turned into an ``[]testing.InternalTest`` table); a
-``main`` package selects one table by index and runs it with ``testing.Main``, the sample's sentinel printed by a last
-test (so a pass needs every test run and exit status 0).
+``main`` package selects one table by index and runs it with ``testing.Main``, a last test attesting the run (so a
+pass needs every test run and exit status 0; the protocol: :mod:`eval_harness.sandbox`).
 
 Why this is safe: in a Go binary the only code that runs before ``main`` is package-level variable initialisers and
 ``init`` functions, of every package linked in. So only samples whose top level declares nothing that can run (no
@@ -22,7 +22,7 @@ from typing import Any
 
 from eval_harness.batch import BatchPart, Members
 from eval_harness.execution import Job
-from eval_harness.runners import GO_ENV, go_cache, link_tree
+from eval_harness.runners import GO_ATTEST, GO_ENV, go_cache, link_tree
 from eval_harness.sandbox import RunResult
 
 SAFE_TOP_LEVEL = {"package_clause", "import_declaration", "function_declaration", "method_declaration",
@@ -61,17 +61,16 @@ def _package(index: int, unit: str) -> str:
 
 def _main(members: Members) -> str:
     """``batch.bin N`` runs sample N's tests through ``testing.Main`` (kept for programs that simulate ``go test``),
-    then a last test that prints N's sentinel: the sentinel shows only if every test ran, and exit status 0 only if
-    every test passed."""
+    then a last test that attests: that runs only if every test ran, and exit status 0 only if every test passed."""
     imports = "".join(f'    p{i} "cgbatch/p{i}"\n' for i, _ in members)
-    rows = "".join(f'    {i}: {{p{i}.CodegeexTests, "{job.sentinel}"}},\n' for i, job in members)
-    return ('package main\n\nimport (\n    "os"\n    "strconv"\n    "testing"\n' + imports + ")\n\n"
-            "var batch = map[int]struct {\n    tests    []testing.InternalTest\n    sentinel string\n}{\n" + rows
-            + "}\n\nfunc main() {\n    i, _ := strconv.Atoi(os.Args[1])\n    os.Args = os.Args[:1]\n"
-            "    entry, ok := batch[i]\n    if !ok {\n        os.Exit(3)\n    }\n"
-            '    done := testing.InternalTest{Name: "CodegeexSentinel", F: func(*testing.T) { println(entry.sentinel) }}\n'
+    rows = "".join(f"    {i}: p{i}.CodegeexTests,\n" for i, _ in members)
+    return ('package main\n\nimport (\n    codegeexos "os"\n    "strconv"\n    "testing"\n' + imports + ")\n\n"
+            "var batch = map[int][]testing.InternalTest{\n" + rows + "}\n" + GO_ATTEST
+            + "\nfunc main() {\n    i, _ := strconv.Atoi(codegeexos.Args[1])\n    codegeexos.Args = codegeexos.Args[:1]\n"
+            "    tests, ok := batch[i]\n    if !ok {\n        codegeexos.Exit(3)\n    }\n"
+            '    done := testing.InternalTest{Name: "CodegeexAttest", F: func(*testing.T) { codegeexAttest() }}\n'
             "    all := func(pattern, name string) (bool, error) { return true, nil }\n"
-            "    testing.Main(all, append(entry.tests, done), nil, nil)\n}\n")
+            "    testing.Main(all, append(tests, done), nil, nil)\n}\n")
 
 
 class GoBatch(BatchPart):

@@ -46,7 +46,7 @@ class JavaBatch(BatchPart):
     def blamed_row(self, index: int, job: Job, out: RunResult, limits: Limits) -> dict[str, Any]:
         mine = "\n".join(line for line in (out.stdout + out.stderr).splitlines() if f"src/cg{index}/" in line)
         compiled = RunResult(1, out.timed_out, "", mine or out.stderr, out.duration_s, out.isolated)
-        return result_row(job.program, job.sentinel, compiled, None, limits)
+        return result_row(compiled, None, limits)
 
     def run_command(self, root: Path, index: int) -> list[str]:
         return ["java", *JVM, "-cp", str(root / "classes"), f"cg{index}.CodegeexRunner"]

@@ -1,14 +1,17 @@
 """Programs for the languages of HumanEval-X (and MBPP), assembled as the benchmark intends, and run in the
 sandbox with a compile step and a run step under separate timeouts.
 
-A program passes only if it exits 0 *and* a random sentinel appears after the tests have run, so exiting early with
-status 0 (``sys.exit(0)``, ``exit(0)``, ``System.exit(0)``, ``process.exit(0)``, ``os.Exit(0)``) never passes:
-- Python: the sentinel is printed after the tests.
-- C++: the test's ``main`` is renamed; a new ``main`` calls it and prints the sentinel after it.
-- Java: a runner class calls ``Main.main`` and prints the sentinel after it.
+A program passes only if it exits 0 *and* its epilogue, which runs after the tests, attests it: the epilogue writes a
+request on descriptor 3 and prints what the harness answers on descriptor 4, a random sentinel made for that run
+(:mod:`eval_harness.sandbox`). The sentinel is in no file the program can read, so exiting early with status 0
+(``sys.exit(0)``, ``exit(0)``, ``System.exit(0)``, ``process.exit(0)``, ``os.Exit(0)``) never passes, nor does copying
+a string from the program's own source:
+- Python: the epilogue follows the tests.
+- C++: the test's ``main`` is renamed; a new ``main`` calls it, then attests.
+- Java: a runner class calls ``Main.main``, then attests (through ``/proc/self/fd``).
 - JavaScript: ``console.assert`` only prints on failure, so it is replaced by one that throws (ordinary printing is
-  untouched); the sentinel is the program's last statement.
-- Go: a ``TestMain`` prints the sentinel (``println``, no import needed) when every test passed.
+  untouched); the epilogue is the program's last statement.
+- Go: a ``TestMain`` attests (on stderr) when every test passed.
 
 What every program of a language shares is built once per machine (:func:`build_once`): the C++ precompiled header,
 the copy of JavaScript's node modules, the warm Go build cache.
@@ -37,13 +40,15 @@ GO_PACKAGES = ["math", "strings", "fmt", "strconv", "sort", "bytes", "regexp", "
 
 @dataclass
 class Program:
-    """Files to write, how to compile (optional) and run, and where the sentinel appears."""
+    """Files to write, how to compile (optional) and run, where the epilogue prints the sentinel, and what of the
+    host besides the toolchains the sandbox shows (read-only)."""
 
     files: dict[str, str]
     run: list[str]
     compile: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    sentinel_on_stderr: bool = False
+    attest: str = "stdout"
+    readonly: list[str] = field(default_factory=list)
     linked: dict[str, str] = field(default_factory=dict)  # work-dir name -> read-only tree to hard-link there
     unit: str = ""  # the program without its runner, for languages built in batches (Go: see eval_harness.gobatch)
 
@@ -82,26 +87,45 @@ def link_tree(source: Path, target: Path) -> None:
             os.link(Path(dirpath) / name, target / rel / name)
 
 
-def python_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+PYTHON_EPILOGUE = ("import os as _codegeex_os\n_codegeex_os.write(3, b'?')\n"
+                   "print(_codegeex_os.read(4, 256).decode().strip(), flush=True)\n")
+
+
+def python_program(code: str, test: str, extra: dict[str, str]) -> Program:
     """HumanEval-X: code (prompt + completion) + tests, which end by calling check; MBPP: + setup before the asserts.
     The system interpreter runs it: a virtual environment under /tmp is hidden by the sandbox's private /tmp, and
     the tests need only the standard library."""
     python = next((c for c in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(c, os.X_OK)), sys.executable)
     setup = extra.get("test_setup_code", "")
-    source = f"{code}\n\n{setup}\n\n{test}\n\nprint({sentinel!r})\n"
+    source = f"{code}\n\n{setup}\n\n{test}\n\n{PYTHON_EPILOGUE}"
     return Program({"main.py": source}, [python, "-I", "main.py"])
 
 
-def cpp_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+CPP_MAIN = """#include <cstdio>
+#include <unistd.h>
+int main() {
+    codegeex_tests_main();
+    char codegeex_reply[256];
+    if (write(3, "?", 1) == 1) {
+        ssize_t n = read(4, codegeex_reply, sizeof codegeex_reply);
+        if (n > 0) std::printf("\\n%.*s", (int)n, codegeex_reply);
+    }
+    std::fflush(stdout);
+    return 0;
+}
+"""
+
+
+def cpp_program(code: str, test: str, extra: dict[str, str]) -> Program:
     test = re.sub(r"\bint\s+main\s*\(", "int codegeex_tests_main(", test, count=1)
     # the tests' main usually ends without `return`: its value is ignored (defined enough at -O0); a failed assert
-    # aborts before the sentinel, an early exit() never reaches it
-    source = (f"{code}\n{test}\n#include <cstdio>\nint main() {{\n"
-              f"    codegeex_tests_main();\n    std::printf(\"\\n%s\\n\", \"{sentinel}\");\n"
-              "    std::fflush(stdout);\n    return 0;\n}\n")
+    # aborts before the epilogue, an early exit() never reaches it
+    source = f"{code}\n{test}\n{CPP_MAIN}"
     libs = ["-lcrypto", "-lssl"] if "openssl" in code else []
+    pch = cpp_pch()
     return Program({"main.cpp": source}, ["./main"],
-                   ["g++", *CXXFLAGS, "-include", cpp_pch(), "-pipe", "main.cpp", "-o", "main", *libs])
+                   ["g++", *CXXFLAGS, "-include", pch, "-pipe", "main.cpp", "-o", "main", *libs],
+                   readonly=[str(Path(pch).parent)])
 
 
 CXXFLAGS = ["-std=c++17", "-O0"]
@@ -127,10 +151,25 @@ JVM = ["-Xmx1g", "-Xss16m", "-XX:ReservedCodeCacheSize=64m", "-XX:CompressedClas
        "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
 
 
-def java_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
-    runner = ("\nclass CodegeexRunner {\n    public static void main(String[] args) throws Exception {\n"
-              f"        Main.main(args);\n        System.out.println(\"\\n{sentinel}\");\n    }}\n}}\n")
-    source = f"{code}\n{test}\n{runner}"
+JAVA_RUNNER = """
+class CodegeexRunner {
+    public static void main(String[] args) throws Exception {
+        Main.main(args);
+        try (var request = new java.io.FileOutputStream("/proc/self/fd/3");
+             var reply = new java.io.FileInputStream("/proc/self/fd/4")) {
+            request.write('?');
+            request.flush();
+            byte[] buffer = new byte[256];
+            int n = reply.read(buffer);
+            if (n > 0) System.out.println("\\n" + new String(buffer, 0, n).trim());
+        }
+    }
+}
+"""
+
+
+def java_program(code: str, test: str, extra: dict[str, str]) -> Program:
+    source = f"{code}\n{test}\n{JAVA_RUNNER}"
     return Program({"Main.java": source}, ["java", *JVM, "-cp", ".", "CodegeexRunner"],
                    ["javac", *(f"-J{o}" for o in JVM[:1] + JVM[2:]), "-nowarn", "-encoding", "UTF-8", "-d", ".",
                     "Main.java"])
@@ -153,10 +192,21 @@ def node_path() -> str:
     return str(target) if (target / "js-md5").is_dir() else str(source)
 
 
-def js_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
-    source = f"{JS_PRELUDE}{code}\n{test}\nprocess.stdout.write('\\n{sentinel}\\n');\n"
+JS_EPILOGUE = """{
+  const codegeexFs = require('fs');
+  codegeexFs.writeSync(3, '?');
+  const codegeexReply = Buffer.alloc(256);
+  const n = codegeexFs.readSync(4, codegeexReply, 0, 256, null);
+  process.stdout.write('\\n' + codegeexReply.toString('utf8', 0, n).trim() + '\\n');
+}
+"""
+
+
+def js_program(code: str, test: str, extra: dict[str, str]) -> Program:
+    source = f"{JS_PRELUDE}{code}\n{test}\n{JS_EPILOGUE}"
+    modules = node_path()
     return Program({"main.js": source}, ["node", "--max-old-space-size=1024", "main.js"],
-                   env={"NODE_PATH": node_path()})
+                   env={"NODE_PATH": modules}, readonly=[modules])
 
 
 GO_ENV = {"GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"}
@@ -178,7 +228,20 @@ def _warm_go_cache(cache: Path) -> None:
                        env={**os.environ, **GO_ENV, "GOCACHE": str(cache)}, capture_output=True)
 
 
-def go_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Program:
+GO_ATTEST = """
+func codegeexAttest() {
+    request, reply := codegeexos.NewFile(3, "request"), codegeexos.NewFile(4, "reply")
+    if _, err := request.Write([]byte("?")); err != nil {
+        return
+    }
+    buffer := make([]byte, 256)
+    n, _ := reply.Read(buffer)
+    println(string(buffer[:n]))
+}
+"""
+
+
+def go_program(code: str, test: str, extra: dict[str, str]) -> Program:
     """HumanEval-X Go: the test setup (package, testing, testify) + the prompt without its imports + the completion +
     the tests. Imports are those the code uses, from the problem's own block and the common packages."""
     declared = re.findall(r'"([^"]+)"', extra.get("import", ""))
@@ -188,12 +251,12 @@ def go_program(code: str, test: str, extra: dict[str, str], sentinel: str) -> Pr
     used = [p for p in dict.fromkeys(declared + GO_PACKAGES)
             if p not in setup and re.search(rf"\b{re.escape(p.rsplit('/', 1)[-1])}\.", code_only)]
     imports = "".join(f'import "{p}"\n' for p in used)
-    main = f'\nfunc TestMain(m *testing.M) {{\n    if m.Run() == 0 {{\n        println("{sentinel}")\n    }}\n}}\n'
+    main = "\nfunc TestMain(m *testing.M) {\n    if m.Run() == 0 {\n        codegeexAttest()\n    }\n}\n" + GO_ATTEST
     unit = f"{setup}\n{imports}\n{body}\n{test}\n"
-    source = unit + main
+    source = f'{setup}\n{imports}import codegeexos "os"\n\n{body}\n{test}\n{main}'
     build = 'GOCACHE="$PWD/gocache" exec go test -c -vet=off -ldflags="-s -w" -o tests.bin main_test.go'
     return Program({"main_test.go": source}, ["./tests.bin"], ["sh", "-c", build], env=GO_ENV,
-                   sentinel_on_stderr=True, linked={"gocache": go_cache()}, unit=unit)
+                   attest="stderr", linked={"gocache": go_cache()}, unit=unit)
 
 
 BUILDERS = {"python": python_program, "cpp": cpp_program, "java": java_program, "js": js_program, "go": go_program}

@@ -1,27 +1,38 @@
-"""Running untrusted programs: one fresh directory, limits, no network, the whole process tree killed at timeout.
+"""Running untrusted programs: nothing of a run outlives it, it sees almost nothing of the host, and it cannot
+forge its own success.
 
-Each program runs:
-- in its own process group and, where ``unshare`` works (as root here), in new network, PID and mount namespaces:
-  no network interfaces, every descendant dies with it, its own ``/proc`` (no other process is visible), private
-  empty ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (so
-  work directories live under ``/var/lib/codegeex/exec``, or ``$CODEGEEX_EXEC_DIR``, see :func:`work_root`);
-- as an unprivileged user of its own (a uid drawn per run from an unused range, no account, no groups) when started
-  as root, so it cannot write outside its work directory, cannot touch a concurrent sample's files or processes, and
-  its process limit is its own (RLIMIT_NPROC counts every process of a uid; root ignores it);
-- under rlimits on CPU time, address space, processes and file size (which also caps what it can print: its output
-  goes to files), with a minimal environment and a wall-clock timeout that kills the process group.
-When the namespaces are not available the result says ``isolated: False``.
+Each run, as root (backend ``helper``, see :mod:`eval_harness.sandbox_backends`):
+- is the tree under PID 1 of new PID, mount, network, IPC and UTS namespaces. PID 1 is the harness's reaper, not the
+  program: when the program's first process exits, times out, or the harness stops, that PID 1 dies and the kernel
+  kills every process left in the namespace (``setsid``, double forks and changed process groups cannot leave it).
+  The reaper's parent, the helper, has the parent-death signal: whatever kills the harness (SIGKILL too), the helper
+  tears the run down;
+- sees a root file system made for it: the toolchains read-only (``/usr``, the loader's cache, ``/etc/alternatives``,
+  Java's configuration; see ``SYSTEM_READ``) and what the run names (a precompiled header, a batch's build), its work
+  directory read-write, private tmpfs on ``/tmp``, ``/var/tmp``, ``/run`` and ``/dev/shm``, five device nodes, its own
+  ``/proc``; nothing else of the host (no checkout, no data sets, no home, no host sockets), no network interfaces;
+- runs as a uid of its own (drawn per run from an unused range; no account, no groups) with no new privileges, under
+  rlimits on CPU time, address space, processes (counted per uid: the run's own), file size (which also caps what it
+  can print: its output goes to files), in a minimal environment, against a wall-clock timeout.
+Where cgroups can be delegated they would add a memory limit for the whole tree; here (cgroup v1, no delegation) the
+address-space limit is per process, so a run's total memory is at most ``processes`` x ``memory_bytes``.
+
+Attestation: a program passes only when the tests ran to their end. The runner's epilogue (after the tests) writes a
+request on descriptor 3; the harness answers on descriptor 4 with a random sentinel made for this run, and the
+epilogue prints it. The sentinel is in no file, argument or environment of the program, and is handed out once.
+
+Without root (backend ``plain``) only the rlimits, a session of its own and the timeout apply; every result says
+``isolated: false``, and the guarantees lost are logged once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import dataclasses
+import logging
 import os
-import resource
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -30,8 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import option
+from eval_harness import sandbox_backends as backends
+from eval_harness.stopping import STOP, Stopped
+from eval_harness.workdirs import work_dir
 
+log = logging.getLogger("codegeex.eval")
 UID_BASE, UID_SPAN = 200_000, 100_000  # far above the accounts of a Debian system
+BACKENDS = ("helper", "bwrap", "plain")
+LOST_WITHOUT_ROOT = ("no namespaces (not root): a program can read and write what this user can, reach the network, "
+                     "and leave processes behind when it leaves its session")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program): the run cannot be judged."""
 
 
 def sandbox_uid() -> int:
@@ -43,7 +65,7 @@ def sandbox_uid() -> int:
 class Limits:
     """Per-program limits."""
 
-    timeout_s: float = option(10.0, "wall-clock seconds before the process group is killed")
+    timeout_s: float = option(10.0, "wall-clock seconds before the whole process tree is killed")
     compile_timeout_s: float = option(60.0, "compile step's wall clock, stretched by the load (see compile_limits)")
     cpu_s: int = option(20, "CPU seconds (RLIMIT_CPU)")
     memory_bytes: int = option(4 << 30, "address space (RLIMIT_AS)")
@@ -60,129 +82,177 @@ class RunResult:
     stderr: str
     duration_s: float
     isolated: bool
+    attested: bool = False  # the sentinel handed out for this run appeared where it was asked for
 
 
 def compile_limits(limits: Limits) -> Limits:
     """Compilers get their own timeout, stretched when the machine is busier than it has cores, so a loaded machine
     does not fail correct programs."""
-    import dataclasses
-
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
     return dataclasses.replace(limits, timeout_s=limits.compile_timeout_s * max(1.0, load),
                                cpu_s=max(limits.cpu_s, int(limits.compile_timeout_s * 2)))
 
 
-def _namespaces_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--setgid=65534", "--setuid=65534", "true"],
-                           capture_output=True, preexec_fn=_enter_namespaces)  # noqa: PLW1509
-    return probe.returncode == 0
+_BACKEND: str | None = None
 
 
-_ISOLATION: bool | None = None
+def _probe(backend: str) -> bool:
+    with work_dir(True, "codegeex-probe-") as tmp:
+        try:
+            result = run_sandboxed(["true"], Path(tmp), Limits(timeout_s=10), backend=backend)
+        except (OSError, SandboxError, subprocess.SubprocessError) as exc:
+            log.debug("sandbox backend %s unavailable: %s", backend, exc)
+            return False
+    return result.returncode == 0
+
+
+def default_backend() -> str:
+    """``helper`` as root when it works, else ``plain`` (logged once, with what is lost)."""
+    global _BACKEND
+    if _BACKEND is None:
+        chosen = os.environ.get("CODEGEEX_SANDBOX", "")
+        if chosen and chosen not in BACKENDS:
+            raise ValueError(f"CODEGEEX_SANDBOX={chosen!r}: expected one of {', '.join(BACKENDS)}")
+        if not chosen:
+            chosen = "helper" if os.geteuid() == 0 and _probe("helper") else "plain"
+        if chosen == "plain":
+            log.warning("sandbox without isolation: %s", LOST_WITHOUT_ROOT)
+        _BACKEND = chosen
+    return _BACKEND
 
 
 def isolation_available() -> bool:
-    global _ISOLATION
-    if _ISOLATION is None:
-        _ISOLATION = _namespaces_available()
-    return _ISOLATION
+    return default_backend() != "plain"
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_REC, MS_PRIVATE = 0x4000, 0x40000
-PR_SET_NO_NEW_PRIVS = 38
-PRIVATE_DIRS = (b"/tmp", b"/var/tmp", b"/dev/shm")
+def work_root() -> Path:
+    """Where this process's work directories go (see :mod:`eval_harness.workdirs`)."""
+    from eval_harness.workdirs import run_root
+
+    return run_root(isolation_available())
 
 
-def _enter_namespaces() -> None:
-    """In the child, before exec: new network and mount namespaces (mounts made private first, so nothing propagates
-    back to the host), an empty tmpfs on each shared scratch directory, and no gaining privileges by exec. Done with
-    system calls here rather than by `unshare`/`mount`/`setpriv` processes: each exec saved is ~1-2 ms a sample."""
-    calls: list[tuple[str, tuple[object, ...]]] = [
-        ("prctl", (PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)), ("unshare", (CLONE_NEWNS | CLONE_NEWNET,)),
-        ("mount", (b"none", b"/", None, MS_REC | MS_PRIVATE, None))]
-    calls += [("mount", (b"tmpfs", d, b"tmpfs", 0, b"size=64m")) for d in PRIVATE_DIRS]
-    for name, args in calls:
-        if getattr(_LIBC, name)(*args) != 0:
-            os._exit(97)
+def _own(workdir: Path, uid: int) -> None:
+    os.chown(workdir, uid, uid)
+    for p in workdir.rglob("*"):
+        if p.is_dir() or p.stat().st_nlink == 1:  # hard links into a shared read-only tree stay root's
+            os.chown(p, uid, uid, follow_symlinks=False)
 
 
-def _limit(limits: Limits, isolated: bool) -> None:
-    """In the child, before exec."""
-    os.setsid()
-    for res, value in ((resource.RLIMIT_CPU, limits.cpu_s), (resource.RLIMIT_AS, limits.memory_bytes),
-                       (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(res, (value, value))
-    if os.geteuid() == 0:  # counted for the sandbox uid once unshare switches to it
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    if isolated:
-        _enter_namespaces()
-
-
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait for ``proc`` up to ``timeout`` seconds; True when it timed out. A pidfd wakes us the moment it exits
-    (``Popen.wait(timeout)`` polls with growing sleeps, adding up to ~10 ms to a short program)."""
+def _wait(spawned: backends.Spawned, timeout: float, request: int, reply: int, sentinel: str) -> tuple[str, bool]:
+    """Wait for the sandbox to end, answering the epilogue's request once; (why it ended: exited | timeout |
+    stopped, whether the sentinel was handed out)."""
+    pidfd = os.pidfd_open(spawned.proc.pid)
+    watched, answered = [pidfd, STOP.fileno(), request], False
+    deadline = time.monotonic() + timeout
     try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        try:
-            proc.wait(timeout=timeout)
-            return False
-        except subprocess.TimeoutExpired:
-            return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout", answered
+            ready, _, _ = select.select(watched, [], [], remaining)
+            if pidfd in ready:
+                return "exited", answered
+            if STOP.fileno() in ready:
+                return "stopped", answered
+            if request in ready:
+                watched.remove(request)  # one answer per run; EOF (the program closed it) needs none
+                if os.read(request, 64) and not answered:
+                    with contextlib.suppress(BrokenPipeError):
+                        os.write(reply, sentinel.encode() + b"\n")
+                    answered = True
     finally:
-        os.close(fd)
-    return not ready
+        os.close(pidfd)
 
 
-def work_root() -> Path | None:
-    """Where work directories go: outside /tmp (which the sandbox replaces), traversable but not listable."""
-    if not isolation_available():
-        return None
-    root = Path(os.environ.get("CODEGEEX_EXEC_DIR", "/var/lib/codegeex/exec"))
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o711)
-    return root
+def _teardown(spawned: backends.Spawned, backend: str) -> None:
+    """Kill the run's whole tree and reap it; returns once nothing of it is left (helper, bwrap) or its session
+    was killed (plain)."""
+    proc = spawned.proc
+    if proc.poll() is not None:
+        return
+    if backend == "helper":
+        proc.send_signal(signal.SIGTERM)  # the helper kills its PID 1 and waits for the namespace to empty
+    elif backend == "bwrap":
+        child = backends.bwrap_child(spawned)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child or proc.pid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | None = None) -> RunResult:
-    """Run ``cmd`` in ``workdir`` (which the caller created and owns); never raises for what the program does."""
-    isolated = isolation_available()
+def _read(path: Path, limit: int, sentinel: str) -> tuple[str, bool]:
+    """(the first ``limit`` characters of the output, the sentinel masked; whether the sentinel is anywhere in it).
+    The whole file is searched: its size is bounded by the file-size limit."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    shown = sentinel.encode() in data
+    text = data[:limit + 1 + len(sentinel)].decode("utf-8", "replace").replace(sentinel, "<sentinel>")
+    return text[:limit] + ("\n[... output truncated]" if len(text) > limit else ""), shown
+
+
+def _status(spawned: backends.Spawned, backend: str) -> int:
+    """The program's exit status as ``Popen.returncode`` gives it (negative: killed by that signal)."""
+    report = backends.read_report(spawned)
+    if backend != "helper":
+        return spawned.proc.returncode
+    if report.startswith("exit "):
+        return os.waitstatus_to_exitcode(int(report.split()[1]))
+    if report == "killed":
+        return -signal.SIGKILL
+    raise SandboxError(f"the sandbox helper failed: {report or f'exit status {spawned.proc.returncode}, no report'}")
+
+
+def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | None = None,
+                  readonly: list[str] | tuple[str, ...] = (), attest: str = "", backend: str | None = None) -> RunResult:
+    """Run ``cmd`` in ``workdir`` (which the caller created and owns), seeing ``readonly`` paths of the host besides
+    the toolchains. ``attest`` ("stdout" or "stderr"): where the epilogue prints the sentinel it asks for. Never
+    raises for what the program does; raises :class:`~eval_harness.stopping.Stopped` (after killing the run) when a
+    stop is requested, :class:`SandboxError` when the sandbox itself fails."""
+    STOP.check()
+    backend = backend or default_backend()
     base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                 "LANG": "C.UTF-8", **(env or {})}
-    if isolated:
-        uid = sandbox_uid()
-        os.chown(workdir, uid, uid)
-        for p in workdir.rglob("*"):
-            if p.is_dir() or p.stat().st_nlink == 1:  # hard links into a shared read-only tree stay root's
-                os.chown(p, uid, uid)
-        # network and mount namespaces come from _limit; `unshare` adds the PID namespace (every descendant dies
-        # with its first process) and drops to the uid (setgroups, setgid, setuid) in the forked child
-        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", f"--setgid={uid}", f"--setuid={uid}", *cmd]
+    uid = sandbox_uid()
+    if backend != "plain":
+        _own(workdir, uid)
+    sentinel = f"codegeex-tests-done-{secrets.token_hex(12)}"
+    request_r, request_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    if backend != "plain":  # Java reopens them through /proc/self/fd, which checks the pipe's owner
+        os.fchown(request_w, uid, uid)
+        os.fchown(reply_r, uid, uid)
     with tempfile.TemporaryDirectory() as out_dir:
         out, err = Path(out_dir) / "stdout", Path(out_dir) / "stderr"
         start = time.perf_counter()
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(cmd, cwd=workdir, env=base_env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                    preexec_fn=lambda: _limit(limits, isolated))  # noqa: PLW1509 (must be pre-exec)
-            timed_out = False
+        try:
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                spawned = backends.SPAWN[backend](cmd, workdir, limits, base_env, list(readonly), uid,
+                                                  (request_w, reply_r), fo, fe)
+            os.close(request_w)
+            os.close(reply_r)
+            request_w = reply_r = -1
             try:
-                timed_out = _wait(proc, limits.timeout_s)
+                why, answered = _wait(spawned, limits.timeout_s, request_r, reply_w, sentinel)
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _teardown(spawned, backend)
+            returncode = _status(spawned, backend)
+        finally:
+            for fd in (request_r, request_w, reply_r, reply_w):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         duration = time.perf_counter() - start
-
-        def tail(path: Path) -> str:
-            with open(path, "rb") as fh:
-                data = fh.read(limits.output_bytes + 1)
-            text = data[:limits.output_bytes].decode("utf-8", "replace")
-            return text + ("\n[... output truncated]" if len(data) > limits.output_bytes else "")
-
-        return RunResult(proc.returncode, timed_out, tail(out), tail(err), duration, isolated)
+        if why == "stopped":
+            raise Stopped(STOP.reason)
+        (stdout, on_out), (stderr, on_err) = (_read(out, limits.output_bytes, sentinel),
+                                              _read(err, limits.output_bytes, sentinel))
+        shown = on_out if attest == "stdout" else on_err if attest == "stderr" else False
+        return RunResult(returncode, why == "timeout", stdout, stderr, duration, backend != "plain",
+                         answered and shown)

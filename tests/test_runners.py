@@ -13,8 +13,9 @@ import pytest
 
 from eval_harness.datasets import load_humaneval_x
 from eval_harness.execution import execute
-from eval_harness.sandbox import Limits, isolation_available
+from eval_harness.sandbox import Limits
 from tests.conftest import shared_path
+from tests.isolation import require_isolation
 
 ESCAPE = Path("/var/lib/codegeex")  # outside every work directory, owned by root
 
@@ -89,8 +90,7 @@ def first_problems():
 @pytest.mark.slow
 @pytest.mark.parametrize("lang", ["cpp", "java", "js", "go"])
 def test_cheating_and_harmful_programs_never_pass_nor_reach_the_host(first_problems, lang):
-    if not isolation_available():
-        pytest.skip("network/PID/mount namespaces need root and unshare")
+    require_isolation()
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)

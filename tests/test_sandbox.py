@@ -10,8 +10,9 @@ import pytest
 
 from eval_harness.datasets import load_humaneval_x, load_mbpp
 from eval_harness.execution import execute
-from eval_harness.sandbox import Limits, isolation_available
+from eval_harness.sandbox import Limits
 from tests.conftest import shared_path
+from tests.isolation import require_isolation
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def test_cheating_and_harmful_programs_never_pass(python_problems, name):
     assert len(row["output"]) <= 4096 + 100
 
 
-@pytest.mark.skipif(not isolation_available(), reason="needs root and unshare/setpriv for the namespaces")
 def test_no_network_no_writes_outside_no_fork_bomb(python_problems, tmp_path):
+    require_isolation()
     import socket
     import threading
 

@@ -1,0 +1,179 @@
+"""How a sandboxed program is started, per backend (:mod:`eval_harness.sandbox` runs the common part: the files,
+the wait, the attestation protocol, the teardown, the result).
+
+- ``helper``: our own small C program (``sandbox_init.c``, compiled once per machine), as root: new PID, mount,
+  network, IPC and UTS namespaces whose PID 1 is the helper's reaper, a minimal read-only root, the program as a uid
+  of its own. One exec from the harness, no shell.
+- ``bwrap``: bubblewrap with the same root and namespaces (its user namespace, the program as the same own uid);
+  measured beside ``helper`` (docs/benchmarks.md) and kept as the second way to get every guarantee.
+- ``plain``: no namespaces (not root, or neither of the above works): its own session and rlimits only; results say
+  ``isolated: false`` and the guarantees lost are logged once.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from eval_harness.runners import build_once
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "sandbox_init.c"
+# what a program may read of the host: the toolchains (everything under /usr), the dynamic loader's cache, the
+# alternatives' links into /usr, and Java's configuration (its conf/ links to /etc/java-N); /bin, /lib, ... as the
+# host has them. Nothing else: no checkout, no data sets, no home, no /var, no /run, no host /tmp, no /sys.
+SYSTEM_READ = ["/usr", "/etc/alternatives", "/etc/ld.so.cache", *sorted(glob.glob("/etc/java-*"))]
+TOP_LEVEL = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
+SCRATCH_SIZE = "64m"  # each of /tmp, /var/tmp, /dev/shm
+
+
+@dataclass
+class Spawned:
+    """A started sandbox: the process the harness waits on, and how to read its report."""
+
+    proc: subprocess.Popen[bytes]
+    report_fd: int = -1  # helper: its one-line report
+    info_fd: int = -1  # bwrap: its JSON info (the sandbox's PID 1)
+
+
+def helper_path() -> Path:
+    """The compiled helper, built once per machine (and again when its source changes)."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    base = Path(os.environ.get("CODEGEEX_SANDBOX_DIR", "/var/lib/codegeex"))
+
+    def build(staging: Path) -> None:
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(staging / "codegeex-sandbox"), str(SOURCE)], check=True,
+                       capture_output=True)
+        (staging / "root").mkdir()  # the mount point of each run's new root (a tmpfs inside its own namespace)
+
+    return build_once(base / f"sandbox-{digest}", build)
+
+
+def rlimits(limits: Any) -> list[tuple[str, int, int]]:
+    """(helper name, resource, value) for a :class:`~eval_harness.sandbox.Limits`."""
+    out = [("cpu", resource.RLIMIT_CPU, limits.cpu_s), ("as", resource.RLIMIT_AS, limits.memory_bytes),
+           ("fsize", resource.RLIMIT_FSIZE, limits.file_bytes), ("core", resource.RLIMIT_CORE, 0)]
+    if os.geteuid() == 0 or os.getuid() != os.geteuid():
+        out.append(("nproc", resource.RLIMIT_NPROC, limits.processes))
+    return out
+
+
+def spawn_helper(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
+                 fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+    helper = helper_path()
+    report_r, report_w = os.pipe()
+    args = [str(helper / "codegeex-sandbox"), "-p", str(os.getpid()), "-u", str(uid), "-r", str(helper / "root"),
+            "-w", str(workdir), "-f", f"{fds[0]},{fds[1]},{report_w}", "-s", SCRATCH_SIZE]
+    for path in SYSTEM_READ + readonly:
+        args += ["-b", path]
+    for name, _, value in rlimits(limits):
+        args += ["-l", f"{name}={value}"]
+    try:
+        proc = subprocess.Popen([*args, "--", *cmd], cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                pass_fds=(fds[0], fds[1], report_w))
+    finally:
+        os.close(report_w)
+    return Spawned(proc, report_fd=report_r)
+
+
+def bwrap_args(cmd: list[str], workdir: Path, readonly: list[str], info_fd: int) -> list[str]:
+    args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+            "--info-fd", str(info_fd)]
+    for top in TOP_LEVEL:
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    for path in SYSTEM_READ + readonly:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    args += ["--bind", str(workdir), str(workdir), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+             "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--tmpfs", "/dev/shm", "--chdir", str(workdir), "--", *cmd]
+    return args
+
+
+def _place(fds: tuple[int, ...]) -> None:
+    """In the child: ``fds`` moved to 3, 4, ... whatever numbers they had (moved out of the way first), the only
+    inheritable descriptors besides 0-2 (Python's own are not inheritable; Popen runs with close_fds=False because it
+    would close these after this function)."""
+    high = [os.dup(fd) if fd >= 10 else os.dup2(fd, 10 + i, inheritable=True) for i, fd in enumerate(fds)]
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i)
+    for fd in high:
+        os.close(fd)
+
+
+def spawn_bwrap(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
+                fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+    info_r, info_w = os.pipe()
+    limited = rlimits(limits)
+
+    def pre_exec() -> None:  # after the drop to uid (Popen's user=): fds at 3, 4 and 5, the limits
+        _place((fds[0], fds[1], info_w))
+        for _, res, value in limited:
+            resource.setrlimit(res, (value, value))
+
+    try:
+        proc = subprocess.Popen(bwrap_args(cmd, workdir, readonly, 5), cwd="/", env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, close_fds=False, user=uid, group=uid, extra_groups=[],
+                                preexec_fn=pre_exec)  # noqa: PLW1509 (must be pre-exec)
+    finally:
+        os.close(info_w)
+    return Spawned(proc, info_fd=info_r)
+
+
+def spawn_plain(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
+                fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+    limited = rlimits(limits)
+
+    def pre_exec() -> None:
+        _place(fds)
+        for _, res, value in limited:
+            resource.setrlimit(res, (value, value))
+
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                            close_fds=False, start_new_session=True, preexec_fn=pre_exec)  # noqa: PLW1509
+    return Spawned(proc)
+
+
+SPAWN = {"helper": spawn_helper, "bwrap": spawn_bwrap, "plain": spawn_plain}
+
+
+def read_report(spawned: Spawned) -> str:
+    """The helper's report line ("" for the other backends); closes the descriptor."""
+    if spawned.report_fd < 0:
+        return ""
+    chunks = []
+    while chunk := os.read(spawned.report_fd, 4096):
+        chunks.append(chunk)
+    os.close(spawned.report_fd)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+def bwrap_child(spawned: Spawned) -> int:
+    """bwrap's PID 1 of the sandbox (from --info-fd), 0 when it has not started."""
+    try:
+        data = os.read(spawned.info_fd, 4096)
+    except OSError:
+        return 0
+    try:
+        child = int(json.loads(data.decode()).get("child-pid", 0)) if data else 0
+    except ValueError:
+        return 0
+    try:  # only bwrap's own child: what the descriptor says is not trusted beyond that
+        stat = Path(f"/proc/{child}/stat").read_text()
+    except OSError:
+        return 0
+    return child if int(stat.rsplit(")", 1)[1].split()[1]) == spawned.proc.pid else 0
+
+
+def bwrap_works() -> bool:
+    return shutil.which("bwrap") is not None
