@@ -35,7 +35,6 @@ import secrets
 import select
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,11 +186,11 @@ def _teardown(spawned: backends.Spawned, backend: str) -> None:
         proc.wait()
 
 
-def _read(path: Path, limit: int, sentinel: str) -> tuple[str, bool]:
+def _read(fd: int, limit: int, sentinel: str) -> tuple[str, bool]:
     """(the first ``limit`` characters of the output, the sentinel masked; whether the sentinel is anywhere in it).
-    The whole file is searched: its size is bounded by the file-size limit."""
-    with open(path, "rb") as fh:
-        data = fh.read()
+    The whole output is searched: its size is bounded by the file-size limit."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0) if size else b""
     shown = sentinel.encode() in data
     text = data[:limit + 1 + len(sentinel)].decode("utf-8", "replace").replace(sentinel, "<sentinel>")
     return text[:limit] + ("\n[... output truncated]" if len(text) > limit else ""), shown
@@ -228,31 +227,28 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
     if backend != "plain":  # Java reopens them through /proc/self/fd, which checks the pipe's owner
         os.fchown(request_w, uid, uid)
         os.fchown(reply_r, uid, uid)
-    with tempfile.TemporaryDirectory() as out_dir:
-        out, err = Path(out_dir) / "stdout", Path(out_dir) / "stderr"
-        start = time.perf_counter()
+    out, err = os.memfd_create("stdout"), os.memfd_create("stderr")  # no file system; the file-size limit holds
+    start = time.perf_counter()
+    try:
+        spawned = backends.SPAWN[backend](cmd, workdir, limits, base_env, list(readonly), uid, (request_w, reply_r),
+                                          out, err)
+        os.close(request_w)
+        os.close(reply_r)
+        request_w = reply_r = -1
         try:
-            with open(out, "wb") as fo, open(err, "wb") as fe:
-                spawned = backends.SPAWN[backend](cmd, workdir, limits, base_env, list(readonly), uid,
-                                                  (request_w, reply_r), fo, fe)
-            os.close(request_w)
-            os.close(reply_r)
-            request_w = reply_r = -1
-            try:
-                why, answered = _wait(spawned, limits.timeout_s, request_r, reply_w, sentinel)
-            finally:
-                _teardown(spawned, backend)
-            returncode = _status(spawned, backend)
+            why, answered = _wait(spawned, limits.timeout_s, request_r, reply_w, sentinel)
         finally:
-            for fd in (request_r, request_w, reply_r, reply_w):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            _teardown(spawned, backend)
+        returncode = _status(spawned, backend)
         duration = time.perf_counter() - start
         if why == "stopped":
             raise Stopped(STOP.reason)
         (stdout, on_out), (stderr, on_err) = (_read(out, limits.output_bytes, sentinel),
                                               _read(err, limits.output_bytes, sentinel))
-        shown = on_out if attest == "stdout" else on_err if attest == "stderr" else False
-        return RunResult(returncode, why == "timeout", stdout, stderr, duration, backend != "plain",
-                         answered and shown)
+    finally:
+        for fd in (request_r, request_w, reply_r, reply_w, out, err):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    shown = on_out if attest == "stdout" else on_err if attest == "stderr" else False
+    return RunResult(returncode, why == "timeout", stdout, stderr, duration, backend != "plain", answered and shown)

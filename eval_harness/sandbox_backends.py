@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from eval_harness.runners import build_once
 
@@ -50,8 +50,10 @@ def helper_path() -> Path:
     base = Path(os.environ.get("CODEGEEX_SANDBOX_DIR", "/var/lib/codegeex"))
 
     def build(staging: Path) -> None:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(staging / "codegeex-sandbox"), str(SOURCE)], check=True,
-                       capture_output=True)
+        binary = ["gcc", "-O2", "-Wall", "-o", str(staging / "codegeex-sandbox"), str(SOURCE)]
+        # static when the C library allows: no dynamic loading, ~1 ms less a run here
+        if subprocess.run([*binary, "-static"], capture_output=True).returncode != 0:
+            subprocess.run(binary, check=True, capture_output=True)
         (staging / "root").mkdir()  # the mount point of each run's new root (a tmpfs inside its own namespace)
 
     return build_once(base / f"sandbox-{digest}", build)
@@ -67,7 +69,7 @@ def rlimits(limits: Any) -> list[tuple[str, int, int]]:
 
 
 def spawn_helper(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
-                 fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+                 fds: tuple[int, int], out: int, err: int) -> Spawned:
     helper = helper_path()
     report_r, report_w = os.pipe()
     args = [str(helper / "codegeex-sandbox"), "-p", str(os.getpid()), "-u", str(uid), "-r", str(helper / "root"),
@@ -112,7 +114,7 @@ def _place(fds: tuple[int, ...]) -> None:
 
 
 def spawn_bwrap(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
-                fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+                fds: tuple[int, int], out: int, err: int) -> Spawned:
     info_r, info_w = os.pipe()
     limited = rlimits(limits)
 
@@ -131,7 +133,7 @@ def spawn_bwrap(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str],
 
 
 def spawn_plain(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
-                fds: tuple[int, int], out: IO[bytes], err: IO[bytes]) -> Spawned:
+                fds: tuple[int, int], out: int, err: int) -> Spawned:
     limited = rlimits(limits)
 
     def pre_exec() -> None:
