@@ -60,7 +60,8 @@ def run_program(program: Program, limits: Limits) -> dict[str, Any]:
         if program.compile:
             compiled = run_sandboxed(program.compile, work, compile_limits(limits), program.env, program.readonly)
         if compiled is None or (compiled.returncode == 0 and not compiled.timed_out):
-            result = run_sandboxed(program.run, work, limits, program.env, program.readonly, attest=program.attest)
+            result = run_sandboxed(program.run, work, limits, program.env, program.readonly, attest=program.attest,
+                                   warm=program.warm)
     return result_row(compiled, result, limits)
 
 

@@ -1,6 +1,7 @@
 """``codegeex eval generate`` as a library: samples from a checkpoint, batched, tensor-parallel aware and resumable
 (a rerun generates only the samples each task still lacks). Torch and the model code are imported when generating,
-so that this module (and the command line that reads its defaults) loads fast."""
+so that this module (and the command line that reads its defaults) loads fast. SIGINT and SIGTERM stop it between
+decoding steps, keeping every finished batch (:class:`GenerationStopped`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +18,7 @@ from common.contracts import CheckpointManifest, PairLayout
 from common.logs import progress
 from eval_harness.datasets import Problem, load_humaneval_x, load_mbpp, resolve_languages
 from eval_harness.samples import read_samples
+from eval_harness.stopping import Stop, Stopped, stop_on_signals
 from eval_harness.tasks import Task, TaskSet, generation_tasks, incremental_tasks, mbpp_tasks, translation_tasks
 
 if TYPE_CHECKING:
@@ -83,8 +86,31 @@ def missing_samples(tasks: list[Task], output: str | Path, n: int) -> list[tuple
     return [(t, j) for t in tasks for j in range(have[t.key], n)]
 
 
+class GenerationStopped(Stopped):
+    """``generate`` stopped by a signal (its name: :attr:`reason`) after adding :attr:`added` samples, every one of
+    them whole in the file; the same command again resumes. :attr:`exit_code`: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, reason: str, added: int, exit_code: int) -> None:
+        super().__init__(reason)
+        self.reason, self.added, self.exit_code = reason, added, exit_code
+
+
 def generate_samples(cfg: GenerateConfig, checkpoint: str | Path, output: str | Path) -> int:
-    """Generate the samples ``output`` lacks; returns how many were added."""
+    """Generate the samples ``output`` lacks; returns how many were added. ``output`` is appended batch by batch; a
+    SIGINT or SIGTERM stops between decoding steps (between batches under tensor parallelism), drops the unfinished
+    batch and raises :class:`GenerationStopped`."""
+    added = 0
+    with stop_on_signals() as stop:
+        try:
+            for count in _generate_missing(cfg, checkpoint, output, stop):
+                added += count
+        except Stopped:
+            raise GenerationStopped(stop.reason or "a stop on another rank", added, stop.exit_code()) from None
+    return added
+
+
+def _generate_missing(cfg: GenerateConfig, checkpoint: str | Path, output: str | Path, stop: Stop) -> Iterator[int]:
+    """Generate and append each batch of missing samples, yielding how many each added (0 on ranks other than 0)."""
     from data_pipeline.tokenizer import CodeTokenizer
     from eval_harness.pair_prompts import Prompter
     from megatron_code.checkpoint import load_model, read_manifest, resolve_model_dir
@@ -98,34 +124,57 @@ def generate_samples(cfg: GenerateConfig, checkpoint: str | Path, output: str | 
     prompter = Prompter(tok, problems, fmt)
     todo = missing_samples(tasks, output, cfg.n)
     if not todo:
-        return 0
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pc = build_parallel_context(world) if world > 1 else single_context()  # every rank a tensor-parallel slice
     model = load_model(ckpt, pc)
     model.eval()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    added = 0
     bar = progress(total=len(tasks) * cfg.n, initial=len(tasks) * cfg.n - len(todo), desc="generate", unit="sample",
                    disable=pc.rank != 0)
-    with open(output, "a") as fh:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = [t for t, _ in todo[start:start + cfg.batch_size]]
-            encoded, outs = _generate_batch(model, tok, prompter, batch, cfg, cfg.seed + start, prefix_lm)
-            if pc.rank != 0:
-                continue
-            for task, out, enc in zip(batch, outs, encoded, strict=True):
-                completion = prompter.completion(task, out, enc[2])[0]
-                fh.write(json.dumps(sample_row(task, completion, prompter, str(ckpt), manifest.step)) + "\n")
-                added += 1
-            fh.flush()
-            bar.update(len(batch))
-    bar.close()
-    return added
+    interrupt = stop.check if world == 1 else None  # under TP the ranks agree between batches (a collective)
+    try:
+        with open(output, "a") as fh:
+            for start in range(0, len(todo), cfg.batch_size):
+                _check_stop(stop, world)
+                batch = [t for t, _ in todo[start:start + cfg.batch_size]]
+                encoded, outs = _generate_batch(model, tok, prompter, batch, cfg, cfg.seed + start, prefix_lm,
+                                                interrupt)
+                if pc.rank != 0:
+                    yield 0
+                    continue
+                for task, out, enc in zip(batch, outs, encoded, strict=True):
+                    completion = prompter.completion(task, out, enc[2])[0]
+                    fh.write(json.dumps(sample_row(task, completion, prompter, str(ckpt), manifest.step)) + "\n")
+                fh.flush()
+                bar.update(len(batch))
+                yield len(batch)
+    finally:
+        bar.close()
+
+
+def _check_stop(stop: Stop, world: int) -> None:
+    """Raise :class:`Stopped` when a stop was requested; under tensor parallelism when any rank's was, all together
+    (so that no rank is left waiting in a collective)."""
+    if world == 1:
+        stop.check()
+        return
+    import torch
+    import torch.distributed as dist
+
+    from megatron_code.parallel import collective_device
+
+    flag = torch.tensor([float(stop.is_set())], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise Stopped(stop.reason)
 
 
 def _generate_batch(model: Any, tok: Any, prompter: Prompter, batch: list[Task], cfg: GenerateConfig, seed: int,
-                    prefix_lm: bool) -> tuple[list[tuple[list[int], list[int], str]], list[list[int]]]:
-    """(each task's encoded prompt, the tokens generated for it), generation ending at each task's stop rule."""
+                    prefix_lm: bool, interrupt: Callable[[], None] | None = None,
+                    ) -> tuple[list[tuple[list[int], list[int], str]], list[list[int]]]:
+    """(each task's encoded prompt, the tokens generated for it), generation ending at each task's stop rule;
+    ``interrupt`` is called before each decoding step (see :func:`megatron_code.generation.generate`)."""
     from megatron_code.generation import SamplingConfig, generate
 
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, temperature=cfg.temperature,
@@ -136,7 +185,8 @@ def _generate_batch(model: Any, tok: Any, prompter: Prompter, batch: list[Task],
         return prompter.completion(batch[i], new, encoded[i][2])[1]
 
     outs = generate(model, [e[0] for e in encoded], sampling, pad_id=tok.pad_id, eod_id=tok.eod_id, stop=stop,
-                    vocab_limit=tok.vocab_size, modality=[e[1] for e in encoded], prefix_lm=prefix_lm)
+                    vocab_limit=tok.vocab_size, modality=[e[1] for e in encoded], prefix_lm=prefix_lm,
+                    interrupt=interrupt)
     return encoded, outs
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from eval_harness.samples import read_results
+from eval_harness.samples import load_results
 from eval_harness.scoring import budget_allocation, score
 from eval_harness.tasks import Kind
 
@@ -142,7 +142,7 @@ def write_report(paths: list[Path], out: Path, ks: list[int], budget: int = 0) -
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for p in paths:
-        rows = read_results(p)
+        rows = load_results(p)  # each (key, sample_index) once, duplicates logged
         if not rows:
             raise ValueError(f"{p}: no results")
         runs.append((checkpoint_label(p, rows), score(rows, ks), rows))

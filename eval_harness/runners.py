@@ -49,6 +49,7 @@ class Program:
     env: dict[str, str] = field(default_factory=dict)
     attest: str = "stdout"
     readonly: list[str] = field(default_factory=list)
+    warm: bool = False  # run is [python, -I, script]: may be forked from the warm interpreter (eval_harness.warm)
     linked: dict[str, str] = field(default_factory=dict)  # work-dir name -> read-only tree to hard-link there
     unit: str = ""  # the program without its runner, for languages built in batches (Go: see eval_harness.gobatch)
 
@@ -98,7 +99,7 @@ def python_program(code: str, test: str, extra: dict[str, str]) -> Program:
     python = next((c for c in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(c, os.X_OK)), sys.executable)
     setup = extra.get("test_setup_code", "")
     source = f"{code}\n\n{setup}\n\n{test}\n\n{PYTHON_EPILOGUE}"
-    return Program({"main.py": source}, [python, "-I", "main.py"])
+    return Program({"main.py": source}, [python, "-I", "main.py"], warm=python == "/usr/bin/python3")
 
 
 CPP_MAIN = """#include <cstdio>

@@ -33,15 +33,17 @@ import logging
 import os
 import secrets
 import select
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from common.config import option
 from eval_harness import sandbox_backends as backends
+from eval_harness.sandbox_backends import SandboxError
 from eval_harness.stopping import STOP, Stopped
+from eval_harness.warm import warm_zygote
 from eval_harness.workdirs import work_dir
 
 log = logging.getLogger("codegeex.eval")
@@ -49,10 +51,6 @@ UID_BASE, UID_SPAN = 200_000, 100_000  # far above the accounts of a Debian syst
 BACKENDS = ("helper", "bwrap", "plain")
 LOST_WITHOUT_ROOT = ("no namespaces (not root): a program can read and write what this user can, reach the network, "
                      "and leave processes behind when it leaves its session")
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself failed (not the program): the run cannot be judged."""
 
 
 def sandbox_uid() -> int:
@@ -138,52 +136,37 @@ def _own(workdir: Path, uid: int) -> None:
             os.chown(p, uid, uid, follow_symlinks=False)
 
 
-def _wait(spawned: backends.Spawned, timeout: float, request: int, reply: int, sentinel: str) -> tuple[str, bool]:
-    """Wait for the sandbox to end, answering the epilogue's request once; (why it ended: exited | timeout |
-    stopped, whether the sentinel was handed out)."""
-    pidfd = os.pidfd_open(spawned.proc.pid)
-    watched, answered = [pidfd, STOP.fileno(), request], False
+class Handle(Protocol):
+    """A started run: :class:`~eval_harness.sandbox_backends.Spawned` or :class:`~eval_harness.warm.WarmRun`."""
+
+    def done_fd(self) -> int: ...
+
+    def teardown(self) -> None: ...
+
+    def returncode(self) -> int: ...
+
+
+def _wait(handle: Handle, timeout: float, request: int, reply: int, sentinel: str) -> tuple[str, bool]:
+    """Wait for the run to end, answering the epilogue's request once; (why it ended: exited | timeout | stopped,
+    whether the sentinel was handed out)."""
+    done = handle.done_fd()
+    watched, answered = [done, STOP.fileno(), request], False
     deadline = time.monotonic() + timeout
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout", answered
-            ready, _, _ = select.select(watched, [], [], remaining)
-            if pidfd in ready:
-                return "exited", answered
-            if STOP.fileno() in ready:
-                return "stopped", answered
-            if request in ready:
-                watched.remove(request)  # one answer per run; EOF (the program closed it) needs none
-                if os.read(request, 64) and not answered:
-                    with contextlib.suppress(BrokenPipeError):
-                        os.write(reply, sentinel.encode() + b"\n")
-                    answered = True
-    finally:
-        os.close(pidfd)
-
-
-def _teardown(spawned: backends.Spawned, backend: str) -> None:
-    """Kill the run's whole tree and reap it; returns once nothing of it is left (helper, bwrap) or its session
-    was killed (plain)."""
-    proc = spawned.proc
-    if proc.poll() is not None:
-        return
-    if backend == "helper":
-        proc.send_signal(signal.SIGTERM)  # the helper kills its PID 1 and waits for the namespace to empty
-    elif backend == "bwrap":
-        child = backends.bwrap_child(spawned)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child or proc.pid, signal.SIGKILL)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout", answered
+        ready, _, _ = select.select(watched, [], [], remaining)
+        if done in ready:
+            return "exited", answered
+        if STOP.fileno() in ready:
+            return "stopped", answered
+        if request in ready:
+            watched.remove(request)  # one answer per run; EOF (the program closed it) needs none
+            if os.read(request, 64) and not answered:
+                with contextlib.suppress(BrokenPipeError):
+                    os.write(reply, sentinel.encode() + b"\n")
+                answered = True
 
 
 def _read(fd: int, limit: int, sentinel: str) -> tuple[str, bool]:
@@ -196,24 +179,14 @@ def _read(fd: int, limit: int, sentinel: str) -> tuple[str, bool]:
     return text[:limit] + ("\n[... output truncated]" if len(text) > limit else ""), shown
 
 
-def _status(spawned: backends.Spawned, backend: str) -> int:
-    """The program's exit status as ``Popen.returncode`` gives it (negative: killed by that signal)."""
-    report = backends.read_report(spawned)
-    if backend != "helper":
-        return spawned.proc.returncode
-    if report.startswith("exit "):
-        return os.waitstatus_to_exitcode(int(report.split()[1]))
-    if report == "killed":
-        return -signal.SIGKILL
-    raise SandboxError(f"the sandbox helper failed: {report or f'exit status {spawned.proc.returncode}, no report'}")
-
-
 def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | None = None,
-                  readonly: list[str] | tuple[str, ...] = (), attest: str = "", backend: str | None = None) -> RunResult:
+                  readonly: list[str] | tuple[str, ...] = (), attest: str = "", backend: str | None = None,
+                  warm: bool = False) -> RunResult:
     """Run ``cmd`` in ``workdir`` (which the caller created and owns), seeing ``readonly`` paths of the host besides
-    the toolchains. ``attest`` ("stdout" or "stderr"): where the epilogue prints the sentinel it asks for. Never
-    raises for what the program does; raises :class:`~eval_harness.stopping.Stopped` (after killing the run) when a
-    stop is requested, :class:`SandboxError` when the sandbox itself fails."""
+    the toolchains. ``attest`` ("stdout" or "stderr"): where the epilogue prints the sentinel it asks for. ``warm``
+    (``cmd`` is ``[python, -I, script]``): fork it from the warm interpreter (:mod:`eval_harness.warm`) where there is
+    one. Never raises for what the program does; raises :class:`~eval_harness.stopping.Stopped` (after killing the
+    run) when a stop is requested, :class:`SandboxError` when the sandbox itself fails."""
     STOP.check()
     backend = backend or default_backend()
     base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
@@ -230,16 +203,21 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
     out, err = os.memfd_create("stdout"), os.memfd_create("stderr")  # no file system; the file-size limit holds
     start = time.perf_counter()
     try:
-        spawned = backends.SPAWN[backend](cmd, workdir, limits, base_env, list(readonly), uid, (request_w, reply_r),
-                                          out, err)
+        zygote = warm_zygote() if warm and backend == "helper" else None
+        handle: Handle
+        if zygote is not None:
+            handle = zygote.start(cmd[-1], workdir, uid, limits, base_env, (request_w, reply_r), out, err)
+        else:
+            handle = backends.SPAWN[backend](cmd, workdir, limits, base_env, list(readonly), uid, (request_w, reply_r),
+                                             out, err)
         os.close(request_w)
         os.close(reply_r)
         request_w = reply_r = -1
         try:
-            why, answered = _wait(spawned, limits.timeout_s, request_r, reply_w, sentinel)
+            why, answered = _wait(handle, limits.timeout_s, request_r, reply_w, sentinel)
         finally:
-            _teardown(spawned, backend)
-        returncode = _status(spawned, backend)
+            handle.teardown()
+        returncode = handle.returncode()
         duration = time.perf_counter() - start
         if why == "stopped":
             raise Stopped(STOP.reason)

@@ -12,12 +12,14 @@ the wait, the attestation protocol, the teardown, the result).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +37,61 @@ TOP_LEVEL = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
 SCRATCH_SIZE = "64m"  # each of /tmp, /var/tmp, /dev/shm
 
 
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program): the run cannot be judged."""
+
+
 @dataclass
 class Spawned:
-    """A started sandbox: the process the harness waits on, and how to read its report."""
+    """A started sandbox: the process the harness waits on, and how to read its report. The harness waits for
+    :meth:`done_fd` to become readable, then calls :meth:`teardown` and :meth:`returncode` (the same three methods as
+    :class:`eval_harness.warm.WarmRun`)."""
 
     proc: subprocess.Popen[bytes]
+    backend: str
     report_fd: int = -1  # helper: its one-line report
     info_fd: int = -1  # bwrap: its JSON info (the sandbox's PID 1)
+    pidfd: int = -1
+
+    def done_fd(self) -> int:
+        """Readable once the sandbox's process has exited (a pidfd)."""
+        if self.pidfd < 0:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        return self.pidfd
+
+    def teardown(self) -> None:
+        """Kill the run's whole tree and reap it; returns once nothing of it is left (helper, bwrap) or its session
+        was killed (plain)."""
+        proc = self.proc
+        if proc.poll() is None:
+            if self.backend == "helper":
+                proc.send_signal(signal.SIGTERM)  # the helper kills its PID 1 and waits for the namespace to empty
+            elif self.backend == "bwrap":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(bwrap_child(self) or proc.pid, signal.SIGKILL)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for fd in (self.pidfd, self.info_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.info_fd = -1
+
+    def returncode(self) -> int:
+        """The program's exit status as ``Popen.returncode`` gives it (negative: killed by that signal)."""
+        report = read_report(self)
+        if self.backend != "helper":
+            return int(self.proc.returncode)
+        if report.startswith("exit "):
+            return os.waitstatus_to_exitcode(int(report.split()[1]))
+        if report == "killed":
+            return -signal.SIGKILL
+        raise SandboxError(f"the sandbox helper failed: {report or f'exit status {self.proc.returncode}, no report'}")
 
 
 def helper_path() -> Path:
@@ -69,21 +119,21 @@ def rlimits(limits: Any) -> list[tuple[str, int, int]]:
 
 
 def spawn_helper(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
-                 fds: tuple[int, int], out: int, err: int) -> Spawned:
+                 fds: tuple[int, int], out: int, err: int, as_root: bool = False) -> Spawned:
     helper = helper_path()
     report_r, report_w = os.pipe()
     args = [str(helper / "codegeex-sandbox"), "-p", str(os.getpid()), "-u", str(uid), "-r", str(helper / "root"),
-            "-w", str(workdir), "-f", f"{fds[0]},{fds[1]},{report_w}", "-s", SCRATCH_SIZE]
+            "-w", str(workdir), "-f", f"{fds[0]},{fds[1]},{report_w}", "-s", SCRATCH_SIZE, *(["-R"] if as_root else [])]
     for path in SYSTEM_READ + readonly:
         args += ["-b", path]
-    for name, _, value in rlimits(limits):
+    for name, _, value in rlimits(limits) if limits is not None else []:
         args += ["-l", f"{name}={value}"]
     try:
         proc = subprocess.Popen([*args, "--", *cmd], cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 pass_fds=(fds[0], fds[1], report_w))
     finally:
         os.close(report_w)
-    return Spawned(proc, report_fd=report_r)
+    return Spawned(proc, "helper", report_fd=report_r)
 
 
 def bwrap_args(cmd: list[str], workdir: Path, readonly: list[str], info_fd: int) -> list[str]:
@@ -129,7 +179,7 @@ def spawn_bwrap(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str],
                                 preexec_fn=pre_exec)  # noqa: PLW1509 (must be pre-exec)
     finally:
         os.close(info_w)
-    return Spawned(proc, info_fd=info_r)
+    return Spawned(proc, "bwrap", info_fd=info_r)
 
 
 def spawn_plain(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str], readonly: list[str], uid: int,
@@ -143,7 +193,7 @@ def spawn_plain(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str],
 
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                             close_fds=False, start_new_session=True, preexec_fn=pre_exec)  # noqa: PLW1509
-    return Spawned(proc)
+    return Spawned(proc, "plain")
 
 
 SPAWN = {"helper": spawn_helper, "bwrap": spawn_bwrap, "plain": spawn_plain}

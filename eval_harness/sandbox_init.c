@@ -1,7 +1,9 @@
 /* codegeex-sandbox: runs one untrusted program so that nothing of it outlives the run and it sees almost nothing of
  * the host.  Built once per machine by eval_harness/sandbox.py (gcc -O2), run as root.
  *
- *   codegeex-sandbox -p PPID -u UID -r ROOT -w WORK -f REQ,REP,REPORT [-b PATH]... [-l RES=N]... [-s SIZE] -- CMD...
+ *   codegeex-sandbox -p PPID -u UID -r ROOT -w WORK -f REQ,REP,REPORT [-b PATH]... [-l RES=N]... [-s SIZE] [-R]
+ *                    -- CMD...
+ * (-R: the program keeps root inside the namespaces; only for the harness's own warm interpreter.)
  *
  * Three processes:
  *   helper   (this process, in the harness's namespaces): parent-death signal SIGTERM, so it tears the run down when
@@ -50,6 +52,7 @@ static int nbinds;
 static struct { int resource; rlim_t value; } limits[MAX_LIMITS];
 static int nlimits;
 static uid_t uid;
+static int as_root;  /* -R: the harness's own warm interpreter (eval_harness/zygote.py), which drops per program */
 static volatile pid_t init_pid;
 static int status_pipe[2];
 
@@ -178,7 +181,7 @@ static void start_program(char **argv) {
         struct rlimit rl = {limits[i].value, limits[i].value};
         if (setrlimit(limits[i].resource, &rl)) fail("setrlimit", "");
     }
-    if (setgroups(0, NULL) || setgid(uid) || setuid(uid)) fail("drop to uid", "");
+    if (!as_root && (setgroups(0, NULL) || setgid(uid) || setuid(uid))) fail("drop to uid", "");
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail("no_new_privs", "");
     if (chdir(work)) fail("chdir", work);
     close(status_pipe[1]);
@@ -241,8 +244,9 @@ static int place_fds(const char *spec) {
 
 static int parse(int argc, char **argv, pid_t *ppid) {
     int opt;
-    while ((opt = getopt(argc, argv, "+p:u:r:w:f:b:l:s:")) != -1) {
+    while ((opt = getopt(argc, argv, "+p:u:r:w:f:b:l:s:R")) != -1) {
         switch (opt) {
+        case 'R': as_root = 1; break;
         case 'p': *ppid = (pid_t)atoi(optarg); break;
         case 'u': uid = (uid_t)strtoul(optarg, NULL, 10); break;
         case 'r': root = optarg; break;
@@ -261,7 +265,7 @@ static int parse(int argc, char **argv, pid_t *ppid) {
         default: return -1;
         }
     }
-    return (root && work && uid && optind < argc) ? optind : -1;
+    return (root && work && (uid || as_root) && optind < argc) ? optind : -1;
 }
 
 int main(int argc, char **argv) {

@@ -10,13 +10,15 @@ from typing import Any
 import numpy as np
 
 from eval_harness.metrics import counts_by, incremental_pass_at_k, mean_pass_at_k
+from eval_harness.samples import unique_results
 from eval_harness.tasks import Kind
 
 DEFAULT_KS = (1, 10, 100)
 
 
 def score(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
-    """Everything a report shows, from result rows."""
+    """Everything a report shows, from result rows (each (key, sample_index) once: :func:`unique_results`)."""
+    rows = unique_results(rows)
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_kind[r["kind"]].append(r)
@@ -49,8 +51,9 @@ def score(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> dict[st
 def budget_allocation(rows: list[dict[str, Any]], budget: int, trials: int = 200, seed: int = 0) -> dict[str, Any]:
     """CodeGeeX's multilingual budget allocation: ``budget`` samples per problem spread over the languages, uniformly
     or weighted by each language's pass rate; the share of problems solved in at least one language, against the best
-    single language with the whole budget. Estimated by drawing samples without replacement from the results."""
-    gen = [r for r in rows if r["kind"] == Kind.GENERATION]
+    single language with the whole budget. Estimated by drawing samples without replacement from the results (each
+    (key, sample_index) once)."""
+    gen = [r for r in unique_results(rows) if r["kind"] == Kind.GENERATION]
     langs = sorted({r["language"] for r in gen})
     outcomes: dict[tuple[int, str], list[bool]] = defaultdict(list)
     for r in gen:

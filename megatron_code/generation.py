@@ -73,12 +73,14 @@ def generate(
     model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
     stop: Callable[[int, list[int]], bool] | None = None, vocab_limit: int | None = None,
     modality: Sequence[Sequence[int]] | None = None, prefix_lm: bool = False,
+    interrupt: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt. Generation of a prompt ends at ``eod_id``, when ``stop(i, new_tokens)`` says so
     (the caller's per-language rules), or after ``max_new_tokens``. ``vocab_limit``: the tokenizer's size, when the
     model's vocabulary is padded beyond it (ids past it are never produced). ``modality``: per prompt token, the
     store's flags (:mod:`data_pipeline.pairs`): TEXT tokens go to a separated docstring table, and with ``prefix_lm``
-    the PREFIX tokens attend to each other both ways, as PREFIX-CODE-CLM trained; generated tokens are code."""
+    the PREFIX tokens attend to each other both ways, as PREFIX-CODE-CLM trained; generated tokens are code.
+    ``interrupt``: called before each decoding step; what it raises abandons the batch (a requested stop)."""
     model.eval()
     device = next(model.parameters()).device
     b, longest = len(prompts), max(len(p) for p in prompts)
@@ -98,6 +100,8 @@ def generate(
     next_position = max(len(p) for p in prompts)  # the largest position of the next step, known on the host
     new_col = torch.zeros((b, 1), dtype=torch.long, device=device)  # a new token's segment (0) and flags (off)
     for _ in range(cfg.max_new_tokens):
+        if interrupt is not None:
+            interrupt()
         if next_position - 1 >= model.cfg.max_position_embeddings:
             break  # no learned position beyond this
         logits, cache = model(step_tokens, step_pos, MaskInfo(seg, prefix), cache, text=text)  # (B, T, V/tp)

@@ -37,25 +37,36 @@ def problem():
     return load_humaneval_x(shared_path("humaneval-x"), ["python"])["python"][0]
 
 
-def run_processes(marker: str = "", harness: int = 0) -> list[tuple[int, str, str]]:
-    """Live (not zombie) host processes of the runs of ``harness`` (default: this process): its sandbox helpers, and
-    processes with ``marker`` in their command line (other harnesses may run beside the test: sandbox uids alone
-    do not say whose)."""
-    helper = f"codegeex-sandbox -p {harness or os.getpid()} "
+def _processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every live (not zombie) host process."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            status = dict(line.split(":\t", 1) for line in (proc / "status").read_text().splitlines() if ":\t" in line)
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
+        except (OSError, IndexError):
             continue
-        if status.get("State", "Z")[0] == "Z":
-            continue
-        if helper in cmd or (marker and marker in cmd):
-            found.append((int(proc.name), status.get("Name", "").strip(), cmd))
+        if state != "Z":
+            found.append((int(proc.name), cmd))
     return found
+
+
+def run_processes(marker: str = "", harness: int = 0) -> list[tuple[int, str]]:
+    """Live host processes of the runs of ``harness`` (default: this process): its sandbox helpers, the forks of its
+    warm interpreters beyond the interpreters themselves, and processes with ``marker`` in their command line (other
+    harnesses may run beside the test: sandbox uids alone do not say whose)."""
+    helper = f"codegeex-sandbox -p {harness or os.getpid()} "
+    procs = _processes()
+    helpers = [p for p in procs if helper in p[1]]
+    zygote_helpers = [p for p in helpers if " -R " in p[1]]  # a warm interpreter's helper and its PID 1
+    zygote_source = "def _first_child"
+    warm = [p for p in procs if zygote_source in p[1] and "codegeex-sandbox" not in p[1]]
+    left = [p for p in helpers if p not in zygote_helpers] + [p for p in procs if marker and marker in p[1]]
+    if len(warm) > len(zygote_helpers) // 2:  # a run's processes forked from a warm interpreter are still there
+        left += warm
+    return left
 
 
 def wait_until(condition, seconds: float) -> bool:
@@ -228,7 +239,7 @@ def test_the_harness_killed_with_sigkill_leaves_no_process_and_no_directory(prob
     proc = subprocess.Popen(_execute_cmd(samples, results, 60), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        assert wait_until(lambda: len([p for p in run_processes(marker, proc.pid) if "sleep" in p[2]]) >= 2, 60)
+        assert wait_until(lambda: len([p for p in run_processes(marker, proc.pid) if "sleep" in p[1]]) >= 2, 60)
         assert _run_roots(proc.pid) and run_processes("", proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -246,7 +257,7 @@ def test_a_signal_stops_execute_at_once_keeping_what_finished(problem, tmp_path,
     proc = subprocess.Popen(_execute_cmd(samples, results, 60), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: len([p for p in run_processes(marker, proc.pid) if "sleep" in p[2]]) >= 2, 60)
+        assert wait_until(lambda: len([p for p in run_processes(marker, proc.pid) if "sleep" in p[1]]) >= 2, 60)
         assert wait_until(lambda: results.exists() and len(results.read_text().splitlines()) >= 1, 30)
     finally:
         start = time.monotonic()
