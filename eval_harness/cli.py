@@ -16,7 +16,7 @@ from typing import get_args
 
 from eval_harness.generate import GenerateConfig, PrefixLM, PromptFormat, generate_samples
 from eval_harness.sandbox import Limits
-from eval_harness.stopping import Stopped, stop_on_signals
+from eval_harness.stopping import STOP, Stopped, stop_on_signals
 from eval_harness.tasks import Kind, TaskSet
 
 log = logging.getLogger("codegeex.eval")
@@ -161,5 +161,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from eval_harness.watch import WatchConfig, watch
 
-    watch(WatchConfig(Path(args.run_dir), generate_config(args), args.interval, args.once, args.workers))
+    try:
+        watch(WatchConfig(Path(args.run_dir), generate_config(args), args.interval, args.once, args.workers))
+    except Stopped as stop:
+        log.warning("stopped by %s: finished checkpoints are recorded in %s/eval/state.json; run the same command "
+                    "again to resume", stop, args.run_dir)
+        return STOP.exit_code()
     return 0

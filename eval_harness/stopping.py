@@ -39,6 +39,10 @@ class Stop:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, woken by a stop; True when stopped."""
+        return self._event.wait(seconds)
+
     def check(self) -> None:
         """Raise :class:`Stopped` when a stop was requested."""
         if self._event.is_set():

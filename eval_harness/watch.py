@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from common.contracts import MANIFEST
 from eval_harness.execute import ExecuteConfig, execute_file
 from eval_harness.generate import GenerateConfig, generate_samples
 from eval_harness.report import write_report
+from eval_harness.stopping import stop_on_signals
 
 log = logging.getLogger("codegeex.eval")
 
@@ -59,10 +59,13 @@ def evaluate_new_checkpoints(cfg: WatchConfig) -> list[str]:
 
 
 def watch(cfg: WatchConfig) -> None:
-    """Evaluate new checkpoints every ``cfg.interval`` seconds (once, with ``cfg.once``)."""
-    while True:
-        evaluate_new_checkpoints(cfg)
-        if cfg.once:
-            return
-        sys.stderr.flush()
-        time.sleep(cfg.interval)
+    """Evaluate new checkpoints every ``cfg.interval`` seconds (once, with ``cfg.once``); a SIGINT or SIGTERM stops
+    it (:class:`~eval_harness.stopping.Stopped`), keeping what finished."""
+    with stop_on_signals() as stop:
+        while True:
+            evaluate_new_checkpoints(cfg)
+            if cfg.once:
+                return
+            sys.stderr.flush()
+            if stop.wait(cfg.interval):
+                stop.check()

@@ -37,36 +37,47 @@ def problem():
     return load_humaneval_x(shared_path("humaneval-x"), ["python"])["python"][0]
 
 
-def _processes() -> list[tuple[int, str]]:
-    """(pid, command line) of every live (not zombie) host process."""
-    found = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live (not zombie) host process."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
-        if state != "Z":
-            found.append((int(proc.name), cmd))
+        if fields[0] != "Z":
+            found[int(proc.name)] = (int(fields[1]), cmd)
     return found
 
 
 def run_processes(marker: str = "", harness: int = 0) -> list[tuple[int, str]]:
-    """Live host processes of the runs of ``harness`` (default: this process): its sandbox helpers, the forks of its
-    warm interpreters beyond the interpreters themselves, and processes with ``marker`` in their command line (other
+    """Live host processes of the runs of ``harness`` (default: this process): its sandbox helpers and everything
+    under them but its warm interpreters themselves, and processes with ``marker`` in their command line (other
     harnesses may run beside the test: sandbox uids alone do not say whose)."""
     helper = f"codegeex-sandbox -p {harness or os.getpid()} "
     procs = _processes()
-    helpers = [p for p in procs if helper in p[1]]
-    zygote_helpers = [p for p in helpers if " -R " in p[1]]  # a warm interpreter's helper and its PID 1
-    zygote_source = "def _first_child"
-    warm = [p for p in procs if zygote_source in p[1] and "codegeex-sandbox" not in p[1]]
-    left = [p for p in helpers if p not in zygote_helpers] + [p for p in procs if marker and marker in p[1]]
-    if len(warm) > len(zygote_helpers) // 2:  # a run's processes forked from a warm interpreter are still there
-        left += warm
-    return left
+
+    def under_helper(pid: int) -> bool:
+        seen = set()
+        while pid in procs and pid not in seen:
+            seen.add(pid)
+            if helper in procs[pid][1]:
+                return True
+            pid = procs[pid][0]
+        return False
+
+    def idle_zygote(pid: int) -> bool:  # a warm interpreter waiting (its parent: the PID 1 of a -R helper)
+        parent = procs.get(procs[pid][0], (0, ""))[1]
+        return "def _first_child" in procs[pid][1] and helper in parent and " -R " in parent
+
+    def zygote_helper(pid: int) -> bool:
+        return helper in procs[pid][1] and " -R " in procs[pid][1]
+
+    return [(pid, cmd) for pid, (_, cmd) in procs.items()
+            if (under_helper(pid) and not idle_zygote(pid) and not zygote_helper(pid)) or (marker and marker in cmd)]
 
 
 def wait_until(condition, seconds: float) -> bool:
