@@ -110,7 +110,8 @@ def main() -> None:
             report[name]["overhead"].append(measure(tree, OVERHEAD, str(args.overhead_runs)))
             print(rnd, name, "overhead", json.dumps(report[name]["overhead"][-1]), flush=True)
         for name, tree in ([] if args.skip_canonical else list(trees.items())):
-            report[name]["canonical"].append(measure(tree, CANONICAL, args.data, str(args.workers)))
+            report[name]["canonical"].append(measure(tree, CANONICAL, str(Path(args.data).resolve()),
+                                                     str(args.workers)))
             print(rnd, name, "canonical", json.dumps(report[name]["canonical"][-1]), flush=True)
     summary = {}
     if not args.skip_canonical:

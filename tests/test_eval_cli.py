@@ -20,6 +20,7 @@ from eval_harness.samples import language_of, read_results, read_samples
 from eval_harness.stops import truncate
 from launch.cli import main
 from tests.conftest import shared_path
+from tests.isolation import namespaces_possible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,8 @@ def test_all_820_canonical_programs_pass_within_5_minutes(canonical_results):
     assert len(rows) == 820 and not failures, failures
     assert Counter(r["language"] for r in rows) == dict.fromkeys(["python", "cpp", "java", "js", "go"], 164)
     assert seconds < 300
+    if namespaces_possible():  # as root with namespaces (CI): every row isolated, or the run is wrong
+        assert all(r["isolated"] is True for r in rows), Counter(r["isolated"] for r in rows)
 
 
 @pytest.mark.slow
