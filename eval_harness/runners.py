@@ -99,7 +99,9 @@ def python_program(code: str, test: str, extra: dict[str, str]) -> Program:
     python = next((c for c in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(c, os.X_OK)), sys.executable)
     setup = extra.get("test_setup_code", "")
     source = f"{code}\n\n{setup}\n\n{test}\n\n{PYTHON_EPILOGUE}"
-    return Program({"main.py": source}, [python, "-I", "main.py"], warm=python == "/usr/bin/python3")
+    prefix = Path(os.path.realpath(python)).parents[1]  # an interpreter outside /usr is shown to the sandbox
+    return Program({"main.py": source}, [python, "-I", "main.py"], warm=python == "/usr/bin/python3",
+                   readonly=[] if prefix == Path("/usr") else [str(prefix)])
 
 
 CPP_MAIN = """#include <cstdio>

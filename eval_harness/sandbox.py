@@ -43,7 +43,7 @@ from common.config import option
 from eval_harness import sandbox_backends as backends
 from eval_harness.sandbox_backends import SandboxError
 from eval_harness.stopping import STOP, Stopped
-from eval_harness.warm import warm_zygote
+from eval_harness.warm import ZygoteDied, warm_zygote
 from eval_harness.workdirs import work_dir
 
 log = logging.getLogger("codegeex.eval")
@@ -189,6 +189,16 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
     run) when a stop is requested, :class:`SandboxError` when the sandbox itself fails."""
     STOP.check()
     backend = backend or default_backend()
+    if warm and backend == "helper" and not readonly:
+        try:
+            return _run(cmd, workdir, limits, env, readonly, attest, backend, warm=True)
+        except ZygoteDied as exc:
+            log.warning("%s; running this program cold", exc)
+    return _run(cmd, workdir, limits, env, readonly, attest, backend, warm=False)
+
+
+def _run(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | None, readonly: list[str] | tuple[str, ...],
+         attest: str, backend: str, warm: bool) -> RunResult:
     base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
                 "LANG": "C.UTF-8", **(env or {})}
     uid = sandbox_uid()
@@ -203,7 +213,7 @@ def run_sandboxed(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, 
     out, err = os.memfd_create("stdout"), os.memfd_create("stderr")  # no file system; the file-size limit holds
     start = time.perf_counter()
     try:
-        zygote = warm_zygote() if warm and backend == "helper" else None
+        zygote = warm_zygote() if warm else None
         handle: Handle
         if zygote is not None:
             handle = zygote.start(cmd[-1], workdir, uid, limits, base_env, (request_w, reply_r), out, err)

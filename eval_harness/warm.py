@@ -19,6 +19,7 @@ import select
 import signal
 import socket
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,21 @@ _LOCAL = threading.local()
 _FAILED = threading.Event()  # one failure to start: cold programs from then on
 
 
+class ZygoteDied(backends.SandboxError):
+    """The warm interpreter died under a run (not the program's doing: it cannot reach it); the run is repeated
+    cold."""
+
+
+def _release(sock: socket.socket, spawned: backends.Spawned, log_fd: int) -> None:
+    sock.close()
+    spawned.teardown()
+    backends.read_report(spawned)
+    os.close(log_fd)
+
+
 class Zygote:
     """One warm interpreter, serving one run at a time for the thread that started it (it dies with that thread:
-    the helper's parent-death signal)."""
+    the helper's parent-death signal; its descriptors are released when the object goes)."""
 
     def __init__(self) -> None:
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -49,6 +62,7 @@ class Zygote:
             child.close()
             os.close(dummy_r)
             os.close(dummy_w)
+        self.close = weakref.finalize(self, _release, self.sock, self.spawned, self.log)
         ready, _, _ = select.select([self.sock], [], [], START_S)
         if not ready or json.loads(self.sock.recv(4096) or b"{}").get("ready") is not True:
             raise backends.SandboxError(f"the warm interpreter did not start: {self.output()}")
@@ -64,11 +78,6 @@ class Zygote:
         passed = array.array("i", [out, err, *fds])
         self.sock.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
         return WarmRun(self)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.spawned.teardown()
-        os.close(self.log)
 
 
 class WarmRun:
@@ -99,7 +108,7 @@ class WarmRun:
         _LOCAL.zygote = None
         output = self.zygote.output()
         self.zygote.close()
-        raise backends.SandboxError(f"the warm interpreter died: {output or 'no output'}")
+        raise ZygoteDied(f"the warm interpreter died: {output or 'no output'}")
 
 
 def warm_zygote() -> Zygote | None:

@@ -286,3 +286,29 @@ def test_a_signal_stops_execute_at_once_keeping_what_finished(problem, tmp_path,
     final = [json.loads(line) for line in results.read_text().splitlines()]
     assert sorted(r["sample_index"] for r in final) == list(range(6))
     assert [r["status"] for r in sorted(final, key=lambda r: r["sample_index"])] == ["passed"] * 3 + ["timeout"] * 3
+
+
+def _zygotes() -> list[int]:
+    procs = _processes()
+    return [pid for pid, (parent, cmd) in procs.items() if "def _first_child" in cmd and "codegeex-sandbox" not in cmd
+            and f"codegeex-sandbox -p {os.getpid()} " in procs.get(parent, (0, ""))[1]]
+
+
+def test_python_runs_warm_and_a_dead_warm_interpreter_costs_only_a_cold_rerun(problem, caplog):
+    """The warm interpreter is used (a module it preloads is there without an import), and when it dies under a run
+    the run is repeated cold, with the same verdict."""
+    probe = "    import sys\n    print('WARM', 'statistics' in sys.modules)\n"
+    row = execute(problem, probe + problem.canonical_solution)
+    assert row["status"] == "passed" and "WARM True" in row["output"], row
+    zygotes = _zygotes()
+    assert zygotes, "no warm interpreter of this process"
+    slow = (probe + "    import time\n    if not getattr(time, 'slept', False):\n        time.slept = True\n"
+            "        time.sleep(1.5)\n" + problem.canonical_solution)  # once: the tests call it seven times
+    killer = threading.Timer(0.7, lambda: [os.kill(pid, signal.SIGKILL) for pid in zygotes])
+    killer.start()
+    with caplog.at_level("WARNING"):
+        row = execute(problem, slow)
+    killer.join()
+    assert row["status"] == "passed" and "WARM False" in row["output"], row  # the cold rerun
+    assert "running this program cold" in caplog.text
+    assert "WARM True" in execute(problem, probe + problem.canonical_solution)["output"]  # a new one starts
