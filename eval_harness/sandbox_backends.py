@@ -13,6 +13,7 @@ the wait, the attestation protocol, the teardown, the result).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -148,7 +149,8 @@ def bwrap_args(cmd: list[str], workdir: Path, readonly: list[str], info_fd: int)
         if os.path.exists(path):
             args += ["--ro-bind", path, path]
     args += ["--bind", str(workdir), str(workdir), "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-             "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--tmpfs", "/dev/shm", "--chdir", str(workdir), "--", *cmd]
+             "--tmpfs", "/var/tmp", "--tmpfs", "/run", "--tmpfs", "/dev/shm", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", str(workdir),
+             "--", *cmd]
     return args
 
 
@@ -156,7 +158,7 @@ def _place(fds: tuple[int, ...]) -> None:
     """In the child: ``fds`` moved to 3, 4, ... whatever numbers they had (moved out of the way first), the only
     inheritable descriptors besides 0-2 (Python's own are not inheritable; Popen runs with close_fds=False because it
     would close these after this function)."""
-    high = [os.dup(fd) if fd >= 10 else os.dup2(fd, 10 + i, inheritable=True) for i, fd in enumerate(fds)]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]  # free numbers from 10 up: none is a target
     for i, fd in enumerate(high):
         os.dup2(fd, 3 + i)
     for fd in high:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,19 @@ def require_isolation() -> None:
         assert isolation_available(), "root with namespaces available, yet the sandbox runs without isolation"
     elif not isolation_available():
         pytest.skip("not root or no namespaces: containment cannot be had here (the sandbox says so in its log)")
+
+
+def live_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live (not zombie) host process."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            found[int(proc.name)] = (int(fields[1]), cmd)
+    return found

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from eval_harness.datasets import load_humaneval_x, load_mbpp
 from eval_harness.execution import execute
 from eval_harness.sandbox import Limits
 from tests.conftest import shared_path
-from tests.isolation import require_isolation
+from tests.isolation import live_processes, require_isolation
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,30 @@ def test_no_network_no_writes_outside_no_fork_bomb(python_problems, tmp_path):
     row = execute(python_problems[0], bomb, Limits(timeout_s=3))
     assert row["status"] in ("timeout", "runtime_error")
     assert execute(python_problems[0], python_problems[0].canonical_solution)["status"] == "passed"
+
+
+def _zygotes() -> list[int]:
+    procs = live_processes()
+    return [pid for pid, (parent, cmd) in procs.items() if "def _first_child" in cmd and "codegeex-sandbox" not in cmd
+            and f"codegeex-sandbox -p {os.getpid()} " in procs.get(parent, (0, ""))[1]]
+
+
+def test_python_runs_warm_and_a_dead_warm_interpreter_costs_only_a_cold_rerun(python_problems, caplog):
+    """The warm interpreter is used (a module it preloads is there without an import), and when it dies under a run
+    the run is repeated cold, with the same verdict."""
+    require_isolation()
+    probe = "    import sys\n    print('WARM', 'statistics' in sys.modules)\n"
+    row = execute(python_problems[0], probe + python_problems[0].canonical_solution)
+    assert row["status"] == "passed" and "WARM True" in row["output"], row
+    zygotes = _zygotes()
+    assert zygotes, "no warm interpreter of this process"
+    slow = (probe + "    import time\n    if not getattr(time, 'slept', False):\n        time.slept = True\n"
+            "        time.sleep(1.5)\n" + python_problems[0].canonical_solution)  # once: the tests call it seven times
+    killer = threading.Timer(0.7, lambda: [os.kill(pid, signal.SIGKILL) for pid in zygotes])
+    killer.start()
+    with caplog.at_level("WARNING"):
+        row = execute(python_problems[0], slow)
+    killer.join()
+    assert row["status"] == "passed" and "WARM False" in row["output"], row  # the cold rerun
+    assert "running this program cold" in caplog.text
+    assert "WARM True" in execute(python_problems[0], probe + python_problems[0].canonical_solution)["output"]  # a new one starts
