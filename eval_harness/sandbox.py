@@ -49,6 +49,9 @@ from eval_harness.workdirs import work_dir
 log = logging.getLogger("codegeex.eval")
 UID_BASE, UID_SPAN = 200_000, 100_000  # far above the accounts of a Debian system
 BACKENDS = ("helper", "bwrap", "plain")
+LOST_WITHOUT_CGROUPS = ("no cgroups are used (not delegated here): a run's whole tree has no memory limit (at most "
+                        "processes x memory_bytes), its work directory no quota (each file is capped); the PID "
+                        "namespace, not cgroup.kill, kills the tree")
 LOST_WITHOUT_ROOT = ("no namespaces (not root): a program can read and write what this user can, reach the network, "
                      "and leave processes behind when it leaves its session")
 
@@ -114,6 +117,8 @@ def default_backend() -> str:
             chosen = "helper" if os.geteuid() == 0 and _probe("helper") else "plain"
         if chosen == "plain":
             log.warning("sandbox without isolation: %s", LOST_WITHOUT_ROOT)
+        else:
+            log.info("sandbox: %s; %s", chosen, LOST_WITHOUT_CGROUPS)
         _BACKEND = chosen
     return _BACKEND
 
