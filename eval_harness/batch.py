@@ -63,6 +63,11 @@ class BatchPart(abc.ABC):
     def run_command(self, root: Path, index: int) -> list[str]:
         """Runs member ``index`` of the built batch."""
 
+    @abc.abstractmethod
+    def run_reads(self, root: Path, index: int) -> list[str]:
+        """What of the build member ``index``'s run may see (read-only): its own part only, so that no member can
+        read another's program or run another's tests."""
+
 
 def compile_batch(part: BatchPart, root: Path, members: Members, limits: Limits) -> tuple[dict[int, RunResult],
                                                                                           RunResult | None]:
@@ -135,7 +140,7 @@ def _run_members(part: BatchPart, root: Path, built: Members, share_s: float, li
     def run_one(index: int, job: Job) -> None:
         with work_dir(isolation_available()) as wd:
             result = run_sandboxed(part.run_command(root, index), Path(wd), limits, job.program.env,
-                                   [str(root), *job.program.readonly], attest=job.program.attest)
+                                   [*part.run_reads(root, index), *job.program.readonly], attest=job.program.attest)
         row = result_row(None, result, limits)
         row["compile_s"] = round(share_s, 4)  # the batch build, shared out
         done(job, row)

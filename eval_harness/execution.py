@@ -51,7 +51,7 @@ def program_digest(program: Program) -> str:
 def run_program(program: Program, limits: Limits) -> dict[str, Any]:
     """Compile (own timeout, stretched by load) and run one program in fresh directories; the result row."""
     compiled = result = None
-    with work_dir(isolation_available()) as tmp:
+    with work_dir(isolation_available(), warm=program.warm) as tmp:
         work = Path(tmp)
         for name, text in program.files.items():
             (work / name).write_text(text)

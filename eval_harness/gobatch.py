@@ -104,3 +104,6 @@ class GoBatch(BatchPart):
 
     def run_command(self, root: Path, index: int) -> list[str]:
         return [str(root / "batch.bin"), str(index)]
+
+    def run_reads(self, root: Path, index: int) -> list[str]:
+        return [str(root / "batch.bin")]  # the binary alone: no member's sources (every member's code is linked in)

@@ -50,3 +50,6 @@ class JavaBatch(BatchPart):
 
     def run_command(self, root: Path, index: int) -> list[str]:
         return ["java", *JVM, "-cp", str(root / "classes"), f"cg{index}.CodegeexRunner"]
+
+    def run_reads(self, root: Path, index: int) -> list[str]:
+        return [str(root / "classes" / f"cg{index}")]  # its own package: no other member's classes or sources

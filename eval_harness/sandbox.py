@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import select
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -137,7 +138,10 @@ def work_root() -> Path:
 def _own(workdir: Path, uid: int) -> None:
     os.chown(workdir, uid, uid)
     for p in workdir.rglob("*"):
-        if p.is_dir() or p.stat().st_nlink == 1:  # hard links into a shared read-only tree stay root's
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:  # hard links into a shared read-only tree stay root's
             os.chown(p, uid, uid, follow_symlinks=False)
 
 
@@ -153,25 +157,32 @@ class Handle(Protocol):
 
 def _wait(handle: Handle, timeout: float, request: int, reply: int, sentinel: str) -> tuple[str, bool]:
     """Wait for the run to end, answering the epilogue's request once; (why it ended: exited | timeout | stopped,
-    whether the sentinel was handed out)."""
+    whether the sentinel was handed out). ``request`` and ``reply`` are non-blocking: a program that fills the reply
+    pipe, or drains its own request, cannot block the harness past its timeout."""
     done = handle.done_fd()
-    watched, answered = [done, STOP.fileno(), request], False
+    poller = select.poll()
+    for fd in (done, STOP.fileno(), request):
+        poller.register(fd, select.POLLIN)
+    answered = False
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "timeout", answered
-        ready, _, _ = select.select(watched, [], [], remaining)
+        ready = {fd for fd, _ in poller.poll(remaining * 1000)}
+        if STOP.fileno() in ready or STOP.is_set():
+            return "stopped", answered
         if done in ready:
             return "exited", answered
-        if STOP.fileno() in ready:
-            return "stopped", answered
         if request in ready:
-            watched.remove(request)  # one answer per run; EOF (the program closed it) needs none
-            if os.read(request, 64) and not answered:
-                with contextlib.suppress(BrokenPipeError):
-                    os.write(reply, sentinel.encode() + b"\n")
-                answered = True
+            try:
+                asked = os.read(request, 64)
+            except BlockingIOError:
+                continue  # someone else drained it
+            poller.unregister(request)  # one answer per run; EOF (the program closed it) needs none
+            if asked and not answered:
+                with contextlib.suppress(BrokenPipeError, BlockingIOError):
+                    answered = os.write(reply, sentinel.encode() + b"\n") > 0
 
 
 def _read(fd: int, limit: int, sentinel: str) -> tuple[str, bool]:
@@ -212,6 +223,8 @@ def _run(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | No
     sentinel = f"codegeex-tests-done-{secrets.token_hex(12)}"
     request_r, request_w = os.pipe()
     reply_r, reply_w = os.pipe()
+    os.set_blocking(request_r, False)
+    os.set_blocking(reply_w, False)
     if backend != "plain":  # Java reopens them through /proc/self/fd, which checks the pipe's owner
         os.fchown(request_w, uid, uid)
         os.fchown(reply_r, uid, uid)
@@ -234,7 +247,7 @@ def _run(cmd: list[str], workdir: Path, limits: Limits, env: dict[str, str] | No
             handle.teardown()
         returncode = handle.returncode()
         duration = time.perf_counter() - start
-        if why == "stopped":
+        if why == "stopped" or STOP.is_set():  # a run killed by the stop is not a result
             raise Stopped(STOP.reason)
         (stdout, on_out), (stderr, on_err) = (_read(out, limits.output_bytes, sentinel),
                                               _read(err, limits.output_bytes, sentinel))

@@ -73,11 +73,14 @@ class Spawned:
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if self.backend == "helper":
+                proc.wait()  # no deadline: its wait for PID 1 returns once the namespace is empty, the guarantee
+            else:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         for fd in (self.pidfd, self.info_fd):
             if fd >= 0:
                 os.close(fd)
@@ -130,8 +133,10 @@ def spawn_helper(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str]
     for name, _, value in rlimits(limits) if limits is not None else []:
         args += ["-l", f"{name}={value}"]
     try:
+        # its own session: a Ctrl-C to the terminal's process group reaches the harness, which stops its runs; the
+        # helper's parent-death signal still covers the harness's death
         proc = subprocess.Popen([*args, "--", *cmd], cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                pass_fds=(fds[0], fds[1], report_w))
+                                pass_fds=(fds[0], fds[1], report_w), start_new_session=True)
     finally:
         os.close(report_w)
     return Spawned(proc, "helper", report_fd=report_r)
@@ -178,7 +183,7 @@ def spawn_bwrap(cmd: list[str], workdir: Path, limits: Any, env: dict[str, str],
     try:
         proc = subprocess.Popen(bwrap_args(cmd, workdir, readonly, 5), cwd="/", env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, close_fds=False, user=uid, group=uid, extra_groups=[],
-                                preexec_fn=pre_exec)  # noqa: PLW1509 (must be pre-exec)
+                                start_new_session=True, preexec_fn=pre_exec)  # noqa: PLW1509 (must be pre-exec)
     finally:
         os.close(info_w)
     return Spawned(proc, "bwrap", info_fd=info_r)

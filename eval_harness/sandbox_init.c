@@ -214,8 +214,11 @@ static void run_init(int alive, char **argv) {
     }
 }
 
+static volatile sig_atomic_t stop_asked;
+
 static void on_signal(int sig) {
     (void)sig;
+    stop_asked = 1;  /* before PID 1 exists: main kills it the moment it does */
     if (init_pid > 0) kill(init_pid, SIGKILL);
 }
 
@@ -296,6 +299,7 @@ int main(int argc, char **argv) {
         run_init(alive[0], argv + first);
     }
     init_pid = pid;
+    if (stop_asked) kill(pid, SIGKILL);  /* a stop (or the harness's death) during unshare and fork */
     close(alive[0]);
     close(status_pipe[1]);
     char msg[512];

@@ -12,6 +12,7 @@ it does when a zygote dies: logged, never silent.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_harness import sandbox_backends as backends
-from eval_harness.workdirs import run_root
+from eval_harness.workdirs import WARM_DIR, run_root
 
 log = logging.getLogger("codegeex.eval")
 SOURCE = Path(__file__).with_name("zygote.py")
@@ -55,7 +56,7 @@ class Zygote:
         dummy_r, dummy_w = os.pipe()
         self.log = os.memfd_create("zygote-log")
         try:
-            self.spawned = backends.spawn_helper([PYTHON, "-I", "-c", SOURCE.read_text()], run_root(True), None,
+            self.spawned = backends.spawn_helper([PYTHON, "-I", "-c", SOURCE.read_text()], warm_root(), None,
                                                  {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, [], 0,
                                                  (child.fileno(), dummy_r), self.log, self.log, as_root=True)
         finally:
@@ -76,7 +77,11 @@ class Zygote:
         request = {"op": "run", "uid": uid, "workdir": str(workdir), "script": script, "env": env,
                    "limits": [(res, value) for _, res, value in backends.rlimits(limits)]}
         passed = array.array("i", [out, err, *fds])
-        self.sock.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+        try:
+            self.sock.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+        except OSError as exc:  # it died between runs
+            _LOCAL.zygote = None
+            raise ZygoteDied(f"the warm interpreter is gone ({exc}): {self.output() or 'no output'}") from exc
         return WarmRun(self)
 
 
@@ -94,9 +99,13 @@ class WarmRun:
         """Kill the run unless it ended, and take the zygote's reply (it comes once the namespace is empty)."""
         sock = self.zygote.sock
         if not select.select([sock], [], [], 0)[0]:
-            sock.send(b'{"op": "kill"}')
-        ready, _, _ = select.select([sock], [], [], 10)
-        data = sock.recv(4096) if ready else b""
+            with contextlib.suppress(OSError):
+                sock.send(b'{"op": "kill"}')
+        select.select([sock], [], [])  # no deadline: the reply comes once the namespace is empty (or EOF: it died)
+        try:
+            data = sock.recv(4096)
+        except OSError:
+            data = b""
         self.reply = json.loads(data) if data else {}
 
     def returncode(self) -> int:
@@ -109,6 +118,15 @@ class WarmRun:
         output = self.zygote.output()
         self.zygote.close()
         raise ZygoteDied(f"the warm interpreter died: {output or 'no output'}")
+
+
+def warm_root() -> Path:
+    """Where warm programs' work directories go: the one directory of the run root a zygote sees (not the rest:
+    batch builds and cold programs' directories stay out of its view)."""
+    root = run_root(True) / WARM_DIR
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o711)
+    return root
 
 
 def warm_zygote() -> Zygote | None:

@@ -73,6 +73,15 @@ def run_root(isolated: bool) -> Path:
         return root
 
 
-def work_dir(isolated: bool, prefix: str = "codegeex-exec-") -> tempfile.TemporaryDirectory[str]:
-    """A fresh work directory under this process's root (a context manager that removes it)."""
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=run_root(isolated))
+WARM_DIR = "warm"  # the part of a root the warm Python interpreters see (eval_harness.warm)
+
+
+def work_dir(isolated: bool, prefix: str = "codegeex-exec-", warm: bool = False) -> tempfile.TemporaryDirectory[str]:
+    """A fresh work directory under this process's root (``warm``: under its warm part), a context manager that
+    removes it."""
+    parent = run_root(isolated)
+    if warm:
+        parent = parent / WARM_DIR
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=0o711)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=parent)

@@ -142,8 +142,10 @@ def _first_child(req: dict[str, Any], fds: list[int], status_w: int) -> None:
         alive_r, alive_w = os.pipe()
         _call("unshare", CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC)
         _call("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a kill before the handler waits for it
         pid = os.fork()
         if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.close(alive_w)
             _init(req, fds, status_w, alive_r)
 
@@ -151,6 +153,7 @@ def _first_child(req: dict[str, Any], fds: list[int], status_w: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
         signal.signal(signal.SIGTERM, stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.waitpid(pid, 0)  # returns once nothing of the run is left
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
@@ -200,8 +203,12 @@ def serve(sock: socket.socket) -> None:
             if req.get("op") == "kill" and running:
                 os.kill(running[0], signal.SIGTERM)
                 killed = True
-            elif req.get("op") == "run" and running is None:
+            elif req.get("op") == "run" and running is None and len(fds) == 4:
                 running = _start(req, list(fds))
+            elif req.get("op") == "run":  # never run a program without its own four descriptors
+                for fd in fds:
+                    os.close(fd)
+                sock.send(b'{"killed": true}')
 
 
 def main() -> None:

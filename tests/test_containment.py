@@ -194,6 +194,17 @@ def test_no_host_file_socket_or_benchmark_answer_is_reachable(problem, tmp_path)
     assert row["status"] == "failed" and row["isolated"] is True
 
 
+def test_a_program_cannot_block_the_harness_through_its_attestation_pipes(problem):
+    """It reopens the reply pipe for writing, fills it, then asks: the harness's answer would block a blocking
+    write forever; its pipes are non-blocking, so the run ends at its timeout like any other."""
+    jam = ("    import os, time\n    w = os.open('/proc/self/fd/4', os.O_WRONLY)\n    os.set_blocking(w, False)\n"
+           "    try:\n        while True: os.write(w, b'x' * 4096)\n    except BlockingIOError:\n        pass\n"
+           "    os.write(3, b'?')\n    time.sleep(100)\n")
+    start = time.monotonic()
+    row = execute(problem, jam, Limits(timeout_s=2))
+    assert row["status"] == "timeout" and time.monotonic() - start < 8, row
+
+
 def test_the_answers_on_disk_do_not_pass_a_sample(problem):
     """The cheat the issue found: find HumanEval-X on disk and run the task's canonical solution."""
     data = str(next(SHARED.glob("humaneval-x/python/*.jsonl*")))
@@ -263,13 +274,13 @@ def test_a_signal_stops_execute_at_once_keeping_what_finished(problem, tmp_path,
     quick = [problem.canonical_solution] * 3
     _samples(samples, problem, quick + [escaping_daemon(marker, "    time.sleep(100)\n")] * 3)
     proc = subprocess.Popen(_execute_cmd(samples, results, 60), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert wait_until(lambda: len([p for p in run_processes(marker, proc.pid) if "sleep" in p[1]]) >= 2, 60)
         assert wait_until(lambda: results.exists() and len(results.read_text().splitlines()) >= 1, 30)
     finally:
         start = time.monotonic()
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C or a supervisor sends it
         _, err = proc.communicate(timeout=20)
     took = time.monotonic() - start
     assert proc.returncode == 128 + sig, err

@@ -178,3 +178,21 @@ def test_java_batch_blames_every_broken_file_however_many_errors():
     assert [status[f"ok{i}"] for i in range(3)] == ["passed"] * 3
     assert {status[f"bad{i}"] for i in range(30)} == {"compile_error"}, status
     assert all("src/cg" in r["output"] and "error" in r["output"] for r in rows if r["key"].startswith("bad"))
+
+
+@pytest.mark.slow
+def test_a_java_batch_member_cannot_run_another_members_tests():
+    """Member 1 loads member 0's runner (same batch, same class path layout) to have its tests run and attested:
+    each member's run sees only its own package, so the class is not there."""
+    from eval_harness.executor import execute_jobs, make_jobs
+
+    require_isolation()
+    java = load_humaneval_x(shared_path("humaneval-x"), ["java"])["java"][0]
+    cheat = ("try { var m = Class.forName(\"cg0.CodegeexRunner\").getMethod(\"main\", String[].class); "
+             "m.setAccessible(true); m.invoke(null, (Object) new String[0]); System.exit(0); } catch (Exception e) {} "
+             "return false;\n    }\n}\n")
+    samples = [{"task_id": java.task_id, "completion": c, "kind": "generation", "key": k}
+               for k, c in (("canonical", java.canonical_solution), ("cheat", cheat))]
+    rows: list[dict] = []
+    execute_jobs(make_jobs(samples, {java.task_id: java}), Limits(), 2, rows.append)
+    assert {r["key"]: r["status"] for r in rows} == {"canonical": "passed", "cheat": "failed"}, rows
