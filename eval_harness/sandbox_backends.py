@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -232,7 +231,3 @@ def bwrap_child(spawned: Spawned) -> int:
     except OSError:
         return 0
     return child if int(stat.rsplit(")", 1)[1].split()[1]) == spawned.proc.pid else 0
-
-
-def bwrap_works() -> bool:
-    return shutil.which("bwrap") is not None

@@ -90,6 +90,17 @@ def test_a_second_writer_stops_at_once_naming_the_first(tmp_path):
         ResultWriter(results)
 
 
+
+def assert_refused(samples: Path, path: Path, by_execute: str, by_report: str, tmp_path: Path, caplog) -> None:
+    """``execute`` and ``report`` both refuse ``path`` with their messages, and leave it byte for byte."""
+    before = path.read_bytes()
+    caplog.clear()
+    assert execute(samples, path) == 1
+    assert by_execute in errors(caplog), errors(caplog)
+    assert main(["eval", "report", str(path), "--output", str(tmp_path / "rep")]) == 1
+    assert by_report in errors(caplog)
+    assert path.read_bytes() == before
+
 @pytest.mark.slow
 def test_an_output_that_is_not_a_results_file_is_refused_untouched(tmp_path, caplog):
     samples = tmp_path / "samples.jsonl"
@@ -100,13 +111,9 @@ def test_an_output_that_is_not_a_results_file_is_refused_untouched(tmp_path, cap
     one_line.write_bytes(b'{"key": "x", "sample')  # no newline, no row before it: not taken for a torn row
     for path, why in ((samples, "line 1 lacks field(s) key, sample_index, status"), (text, "line 1 is not JSON"),
                       (one_line, "line 1 is not JSON")):
-        before = path.read_bytes()
-        caplog.clear()
-        assert execute(samples, path) == 1
-        assert f"{path} is not a results file of this harness: {why}" in errors(caplog), errors(caplog)
-        assert main(["eval", "report", str(path), "--output", str(tmp_path / "rep")]) == 1
-        assert f"{path} is not a results file" in errors(caplog)
-        assert path.read_bytes() == before and not Path(f"{path}.lock").exists()
+        assert_refused(samples, path, f"{path} is not a results file of this harness: {why}",
+                       f"{path} is not a results file", tmp_path, caplog)
+        assert not Path(f"{path}.lock").exists()
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     assert execute(samples, empty) == 0 and len(read_results(empty)) == 2  # an empty file is a results file
@@ -125,13 +132,8 @@ def test_corrupt_lines_stop_the_run_and_a_torn_last_line_is_run_again(tmp_path, 
                                      (3, bad_row, "lacks field(s) sample_index")):
         corrupt = tmp_path / f"corrupt{number}.jsonl"
         corrupt.write_bytes(b"".join([*lines[:number - 1], replacement, *lines[number:]]))
-        before = corrupt.read_bytes()
-        caplog.clear()
-        assert execute(samples, corrupt) == 1
-        assert f"{corrupt}:{number}: corrupt results line: it {why}" in errors(caplog), errors(caplog)
-        assert main(["eval", "report", str(corrupt), "--output", str(tmp_path / "rep")]) == 1
-        assert f"{corrupt}:{number}: corrupt" in errors(caplog)
-        assert corrupt.read_bytes() == before  # nothing cut, nothing re-run and appended
+        assert_refused(samples, corrupt, f"{corrupt}:{number}: corrupt results line: it {why}",
+                       f"{corrupt}:{number}: corrupt", tmp_path, caplog)  # nothing cut, nothing re-run
     torn = tmp_path / "torn.jsonl"
     torn.write_bytes(b"".join(lines[:3]) + lines[3][:len(lines[3]) // 2])  # a crash in the middle of the last row
     assert [r["key"] for r in read_results(torn)] == order[:3]
