@@ -13,8 +13,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # switched off, megatron_code/deepspeed_glue.py); should DeepSpeed ever compile one, it lands with the environment.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-# Debian packages the launcher tests (a real SLURM) and the evaluation sandbox and runners need.
-SYSTEM_PACKAGES := slurm-wlm munge bubblewrap golang-go golang-github-stretchr-testify-dev libboost-dev libssl-dev
+# Debian packages the launcher tests (a real SLURM), the evaluation sandbox and runners, and the report's browser
+# test (headless chromium) need.
+SYSTEM_PACKAGES := slurm-wlm munge bubblewrap golang-go golang-github-stretchr-testify-dev libboost-dev libssl-dev chromium
 SYSTEM_STAMP := $(VENV)/.system
 
 .PHONY: quickstart test lint install system clean-quickstart modality

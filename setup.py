@@ -8,10 +8,12 @@ setup(
     description="Megatron-style pre-training, data pipeline and evaluation for CodeGeeX-shaped code models",
     python_requires=">=3.11",
     packages=find_packages(include=["common*", "launch*", "megatron_code*", "data_pipeline*", "eval_harness*"]),
+    package_data={"eval_harness": ["templates/*.j2"]},  # the report's templates
     install_requires=[
         "numpy>=1.26",
         "pyyaml>=6",
         "matplotlib>=3.8",
+        "jinja2>=3.1",
         "tqdm>=4.60",
         "pyarrow>=15",
         "sentencepiece>=0.2",

@@ -308,7 +308,7 @@ def greedy_without_cache(model: Any, prompts: list[list[int]], new_tokens: int,
     gaps: list[float] = []
     for _ in range(new_tokens):
         t, s, p = (torch.tensor(x, dtype=torch.long, device=device) for x in (tokens, segments, positions))
-        logits, _ = model(t, p, MaskInfo(s), [])  # (B, T, V)
+        logits, _ = model(t, p, MaskInfo(s), model.new_cache(*t.shape))  # (B, T, V), a fresh cache each step
         last = logits[:, -1].float()
         top = last.topk(2, dim=-1).values
         gaps.append(float((top[:, 0] - top[:, 1]).min()))

@@ -12,18 +12,21 @@ Store manifest versions:
 
 Checkpoint manifest versions:
     1  (current) model config, TP size, step, tensor specs, git revision; tokenizer, pair layout and objective
-       when the trainer knew them.
+       when the trainer knew them. The tokenizer's path is relative to the checkpoint directory (which holds a copy
+       of it) in checkpoints written since they carry it; older ones recorded it absolute or relative to the
+       directory training ran in, and are still read (:meth:`CheckpointManifest.tokenizer_path`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from common.config import ConfigError, from_mapping, to_dict
-from common.io import write_json_atomic
+from common.io import file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "codegeex-token-store"
@@ -32,6 +35,7 @@ CHECKPOINT_FORMAT = "codegeex-checkpoint"
 CHECKPOINT_SCHEMA_VERSION = 1
 
 M = TypeVar("M")
+log = logging.getLogger("codegeex.checkpoint")
 
 
 class ManifestError(ValueError):
@@ -55,6 +59,35 @@ class TokenizerRecord:
     eod: str = ""
     token_dtype: str = ""
     mask_id: int = -1  # -1: no [MASK] piece recorded (stores built before corrupt-code-clm existed)
+
+    def candidates(self, base: str | Path | None = None) -> list[Path]:
+        """Where the recorded file may be, in order: relative to ``base`` (a checkpoint directory), as recorded
+        (absolute, or relative to the working directory)."""
+        path = Path(self.path)
+        return [path] if path.is_absolute() or not base else [Path(base) / path, path]
+
+    def locate(self, base: str | Path | None = None) -> Path:
+        """The recorded file (see :meth:`candidates`); found only relative to the working directory although a
+        ``base`` was given (a checkpoint from before they carried their tokenizer), with a warning."""
+        looked = self.candidates(base)
+        for i, path in enumerate(looked):
+            if path.is_file():
+                if base and i > 0 and not path.is_absolute():
+                    log.warning("%s: tokenizer %s found relative to the working directory (%s), not in the checkpoint "
+                                "(written before checkpoints carried it); convert the checkpoint to carry it",
+                                base, self.path, Path.cwd())
+                return path
+        raise FileNotFoundError(f"{base or 'the checkpoint'}: the tokenizer it records ({self.path}) is not there "
+                                f"(looked at {', '.join(str(p) for p in looked)}); pass --tokenizer MODEL")
+
+    def verify(self, path: str | Path, where: str | Path = "") -> None:
+        """Refuse ``path`` when a fingerprint is recorded and its bytes hash to another one."""
+        if self.sha256:
+            got = file_sha256(path)
+            if got != self.sha256:
+                raise ValueError(f"{where or 'the checkpoint'}: tokenizer {path} has sha256 {got}, the checkpoint "
+                                 f"records {self.sha256} (not the tokenizer it was trained with); pass --tokenizer "
+                                 "MODEL to use another one anyway")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -150,11 +183,16 @@ class CheckpointManifest:
             raise ValueError(f"tp_size ({self.tp_size}) must be at least 1")
 
     def tokenizer_path(self, override: str | Path | None = None, where: str | Path = "") -> str:
-        """The tokenizer to decode with: ``override`` when given, else the one training recorded."""
-        path = str(override) if override else (self.tokenizer.path if self.tokenizer else "")
-        if not path:
+        """The tokenizer to decode with: ``override`` when given (as it is); else the one recorded, looked for
+        relative to ``where`` (the checkpoint directory), as an absolute path, then relative to the working
+        directory (older checkpoints), and checked against its recorded sha256."""
+        if override:
+            return str(override)
+        if self.tokenizer is None or not self.tokenizer.path:
             raise ValueError(f"{where or 'the checkpoint'}: the checkpoint names no tokenizer; pass --tokenizer MODEL")
-        return path
+        path = self.tokenizer.locate(where or None)
+        self.tokenizer.verify(path, where)
+        return str(path)
 
 
 def _upgrade_store(data: dict[str, Any]) -> dict[str, Any]:
@@ -226,12 +264,14 @@ def manifest_to_json(manifest: StoreManifest | CheckpointManifest) -> dict[str, 
     return to_dict(manifest)
 
 
-def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointManifest) -> Path:
-    """Write ``DIR/manifest.json`` atomically (checked first: what is written can be read back)."""
+def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointManifest,
+                   mode: int | None = None) -> Path:
+    """Write ``DIR/manifest.json`` atomically (checked first: what is written can be read back); ``mode``: its
+    permissions whatever the umask (None: the umask's)."""
     data = manifest_to_json(manifest)
     manifest_from_json(type(manifest), data, Path(directory) / MANIFEST)
     path = Path(directory) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
+    write_json_atomic(path, data, mode)
     return path
 

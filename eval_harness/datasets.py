@@ -18,6 +18,9 @@ LANGUAGES = {"python": "Python", "cpp": "C++", "java": "Java", "js": "JavaScript
 DEFAULT_LANGUAGES = ("python", "cpp", "java", "js", "go")
 REQUIRED = ("task_id", "prompt", "declaration", "canonical_solution", "test")
 MBPP_PREFIX = "MBPP/"  # MBPP's task ids are MBPP/<number>
+# MBPP's splits by task id (the test split is what bigcode-evaluation-harness's `mbpp` task runs, in this order)
+MBPP_SPLITS = {"test": range(11, 511), "train": range(601, 975), "validation": range(511, 601), "prompt": range(1, 11),
+               "all": range(0, 10**6)}
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,7 @@ def load_mbpp(path: str | Path, split: str = "test") -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"MBPP file {path} does not exist")
     records = json.loads(path.read_text()) if path.suffix == ".json" else list(read_jsonl(path))
-    ranges = {"test": range(11, 511), "train": range(601, 975), "validation": range(511, 601), "prompt": range(1, 11),
-              "all": range(0, 10**6)}
+    ranges = MBPP_SPLITS
     if split not in ranges:
         raise ValueError(f"MBPP split {split!r} must be one of {list(ranges)}")
     out = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eval_harness.datasets import Problem, is_mbpp
-from eval_harness.runners import BUILDERS, Program, link_tree
+from eval_harness.runners import BUILDERS, WHOLE_PROGRAM, Program, link_tree
 from eval_harness.sandbox import Limits, RunResult, compile_limits, isolation_available, run_sandboxed
 from eval_harness.tasks import Kind
 from eval_harness.workdirs import work_dir
@@ -101,9 +101,13 @@ def code_and_test(sample: dict[str, Any], problem: Problem) -> tuple[str, str]:
 
 
 def make_job(sample: dict[str, Any], problem: Problem) -> Job:
-    """The program of ``sample`` (which has at least ``kind`` and ``completion``) for ``problem``."""
+    """The program of ``sample`` (which has at least ``kind`` and ``completion``) for ``problem``. A sample marked
+    ``whole_program`` (its completion includes the prompt) gets no code before it, and its builder is told so."""
     code, test = code_and_test(sample, problem)
-    program = BUILDERS[problem.language](code + sample["completion"], test, problem.extra)
+    extra = problem.extra
+    if sample.get("whole_program"):
+        code, extra = "", {**extra, WHOLE_PROGRAM: "true"}
+    program = BUILDERS[problem.language](code + sample["completion"], test, extra)
     return Job(sample, program, program_digest(program))
 
 

@@ -1,53 +1,37 @@
-"""``codegeex eval generate`` as a library: samples from a checkpoint, batched, tensor-parallel aware and resumable
-(a rerun generates only the samples each task still lacks). Torch and the model code are imported when generating,
-so that this module (and the command line that reads its defaults) loads fast. SIGINT and SIGTERM stop it between
-decoding steps, keeping every finished batch (:class:`GenerationStopped`)."""
+"""``codegeex eval generate`` as a library: samples from a native checkpoint, a Hugging Face model or vLLM
+(:mod:`eval_harness.backends`), batched, resumable (a rerun generates only the samples each task still lacks) and
+spread over data-parallel ranks under torchrun: each data-parallel rank takes a disjoint slice of the missing
+samples, and its tensor-parallel rank 0 appends its rows to the one samples file under an exclusive lock. Every row
+records its sample number (``sample``), so what is missing is known however the ranks' rows interleave. Torch and
+the model code are imported when generating, so that this module (and the command line that reads its defaults)
+loads fast. SIGINT and SIGTERM stop it between decoding steps, keeping every finished batch
+(:class:`GenerationStopped`)."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from common.contracts import CheckpointManifest, PairLayout
 from common.logs import progress
 from eval_harness.datasets import Problem, load_humaneval_x, load_mbpp, resolve_languages
+from eval_harness.gen_config import BackendName, Dtype, GenerateConfig, PrefixLM, PromptFormat, prompt_format
 from eval_harness.samples import read_samples
 from eval_harness.stopping import Stop, Stopped, stop_on_signals
 from eval_harness.tasks import Task, TaskSet, generation_tasks, incremental_tasks, mbpp_tasks, translation_tasks
 
 if TYPE_CHECKING:
-    from eval_harness.pair_prompts import Prompter
+    from eval_harness.backends import Generator
 
 log = logging.getLogger("codegeex.eval")
-PromptFormat = Literal["auto", "plain", "pairs"]  # pairs: the checkpoint's text-to-code pair layout (auto: if it has one)
-PrefixLM = Literal["auto", "on", "off"]  # bidirectional attention over the docstring prefix (auto: prefix-code-clm)
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """What to generate from a checkpoint, and how to sample it."""
-
-    data: str = ""  # HumanEval-X directory
-    mbpp: str = ""  # mbpp.jsonl, for TaskSet.MBPP (its test split, ids 11-510)
-    tokenizer: str = ""  # SentencePiece model ("": the one the checkpoint names)
-    task: TaskSet = TaskSet.HUMANEVAL_X
-    prompt_format: PromptFormat = "auto"
-    prefix_lm: PrefixLM = "auto"
-    languages: str = "all"
-    problems: int = 0  # only the first N problems per language (0: all)
-    n: int = 1  # samples per task
-    temperature: float = 0.8
-    top_p: float = 0.95
-    greedy: bool = False
-    max_new_tokens: int = 1024
-    batch_size: int = 16
-    seed: int = 1234
+__all__ = ["BackendName", "Dtype", "GenerateConfig", "GenerationStopped", "PrefixLM", "PromptFormat",
+           "generate_samples", "make_tasks", "missing_samples", "prompt_format", "sample_seed"]
 
 
 def make_tasks(cfg: GenerateConfig) -> tuple[list[Task], dict[str, Problem]]:
@@ -69,21 +53,51 @@ def make_tasks(cfg: GenerateConfig) -> tuple[list[Task], dict[str, Problem]]:
     return (incremental_tasks(flat) if cfg.task == TaskSet.INCREMENTAL else generation_tasks(flat)), problems
 
 
-def prompt_format(cfg: GenerateConfig, manifest: CheckpointManifest) -> tuple[PairLayout | None, bool]:
-    """(the pair layout to prompt with, or None for plain prompts; whether the docstring prefix is bidirectional)."""
-    pairs = manifest.pairs
-    if cfg.prompt_format == "pairs" and not pairs:
-        log.warning("the checkpoint records no pair layout; prompting with docstring_first, no whitespace markers")
-    use = cfg.prompt_format == "pairs" or (cfg.prompt_format == "auto" and pairs is not None)
-    fmt = pairs or PairLayout()
-    prefix = cfg.prefix_lm == "on" or (cfg.prefix_lm == "auto" and manifest.objective == "prefix-code-clm")
-    return (fmt if use else None), prefix
+def sample_seed(seed: int, key: str, number: int) -> int:
+    """The seed of sample ``number`` of task ``key``: the same on every rank, in every batch and every rerun."""
+    digest = hashlib.sha256(f"{seed}/{key}/{number}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def missing_samples(tasks: list[Task], output: str | Path, n: int) -> list[tuple[Task, int]]:
-    """(task, sample number) of every sample ``output`` lacks for ``n`` per task."""
-    have = Counter(s["key"] for s in read_samples(output)) if Path(output).exists() else Counter()
-    return [(t, j) for t in tasks for j in range(have[t.key], n)]
+    """(task, sample number) of every sample ``output`` lacks for ``n`` per task. Rows that record their number
+    (``sample``) hold it; rows without one (other tools' files) take the lowest numbers still free."""
+    have: dict[str, set[int]] = defaultdict(set)
+    unnumbered: Counter[str] = Counter()
+    for s in read_samples(output) if Path(output).exists() else []:
+        number = s.get("sample")
+        if type(number) is int and number >= 0:
+            have[s["key"]].add(number)
+        else:
+            unnumbered[s["key"]] += 1
+    todo = []
+    for t in tasks:
+        free = [j for j in range(n) if j not in have[t.key]]
+        todo += [(t, j) for j in free[unnumbered[t.key]:]]
+    return todo
+
+
+def repair_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a writer killed mid-line) from a samples file; holds its lock."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: cutting a torn last line (%d bytes) left by a killed writer", path, len(data) - keep)
+            fh.truncate(keep)
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append whole rows under an exclusive lock (data-parallel writers share the file), flushed before unlocking."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class GenerationStopped(Stopped):
@@ -95,10 +109,11 @@ class GenerationStopped(Stopped):
         self.reason, self.added, self.exit_code = reason, added, exit_code
 
 
-def generate_samples(cfg: GenerateConfig, checkpoint: str | Path, output: str | Path) -> int:
-    """Generate the samples ``output`` lacks; returns how many were added. ``output`` is appended batch by batch; a
-    SIGINT or SIGTERM stops between decoding steps (between batches under tensor parallelism), drops the unfinished
-    batch and raises :class:`GenerationStopped`."""
+def generate_samples(cfg: GenerateConfig, checkpoint: str | Path | None, output: str | Path) -> int:
+    """Generate the samples ``output`` lacks; returns how many this process added. ``output`` is appended batch by
+    batch; a SIGINT or SIGTERM stops between decoding steps (between batches when several processes run), drops the
+    unfinished batch and raises :class:`GenerationStopped`. ``checkpoint``: the native backend's."""
+    cfg.validate()
     added = 0
     with stop_on_signals() as stop:
         try:
@@ -109,52 +124,58 @@ def generate_samples(cfg: GenerateConfig, checkpoint: str | Path, output: str | 
     return added
 
 
-def _generate_missing(cfg: GenerateConfig, checkpoint: str | Path, output: str | Path, stop: Stop) -> Iterator[int]:
-    """Generate and append each batch of missing samples, yielding how many each added (0 on ranks other than 0)."""
-    from data_pipeline.tokenizer import CodeTokenizer
-    from eval_harness.pair_prompts import Prompter
-    from megatron_code.checkpoint import load_model, read_manifest, resolve_model_dir
-    from megatron_code.parallel import build_parallel_context, single_context
+def my_slice(todo: list[Any], dp_rank: int, dp_size: int) -> tuple[list[Any], int]:
+    """(this data-parallel rank's contiguous slice of ``todo``, the longest slice's length)."""
+    chunk = -(-len(todo) // dp_size)
+    return todo[dp_rank * chunk:(dp_rank + 1) * chunk], chunk
 
-    ckpt = resolve_model_dir(checkpoint)
-    manifest = read_manifest(ckpt)
-    tok = CodeTokenizer(manifest.tokenizer_path(cfg.tokenizer, ckpt))
+
+def _generate_missing(cfg: GenerateConfig, checkpoint: str | Path | None, output: str | Path,
+                      stop: Stop) -> Iterator[int]:
+    """Generate and append each batch of this rank's missing samples, yielding how many each added."""
+    from eval_harness.backends import load_generator
+
+    output = Path(output)
     tasks, problems = make_tasks(cfg)
-    fmt, prefix_lm = prompt_format(cfg, manifest)
-    prompter = Prompter(tok, problems, fmt)
+    gen = load_generator(cfg, checkpoint, problems)
+    world = gen.shard.world_size
+    output.parent.mkdir(parents=True, exist_ok=True)
+    repair_torn_tail(output)
     todo = missing_samples(tasks, output, cfg.n)
+    _barrier(world)  # every rank has read the file before any appends to it
+    mine, longest = my_slice(todo, gen.shard.dp_rank, gen.shard.dp_size)
     if not todo:
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    pc = build_parallel_context(world) if world > 1 else single_context()  # every rank a tensor-parallel slice
-    model = load_model(ckpt, pc)
-    model.eval()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    bar = progress(total=len(tasks) * cfg.n, initial=len(tasks) * cfg.n - len(todo), desc="generate", unit="sample",
-                   disable=pc.rank != 0)
-    interrupt = stop.check if world == 1 else None  # under TP the ranks agree between batches (a collective)
+    total = len(tasks) * cfg.n
+    bar = progress(total=total, initial=total - len(todo), desc="generate", unit="sample",
+                   disable=int(os.environ.get("RANK", "0")) != 0)
+    interrupt = stop.check if world == 1 else None  # with several processes, they agree between batches
     try:
-        with open(output, "a") as fh:
-            for start in range(0, len(todo), cfg.batch_size):
-                _check_stop(stop, world)
-                batch = [t for t, _ in todo[start:start + cfg.batch_size]]
-                encoded, outs = _generate_batch(model, tok, prompter, batch, cfg, cfg.seed + start, prefix_lm,
-                                                interrupt)
-                if pc.rank != 0:
-                    yield 0
-                    continue
-                for task, out, enc in zip(batch, outs, encoded, strict=True):
-                    completion = prompter.completion(task, out, enc[2])[0]
-                    fh.write(json.dumps(sample_row(task, completion, prompter, str(ckpt), manifest.step)) + "\n")
-                fh.flush()
-                bar.update(len(batch))
-                yield len(batch)
+        for start in range(0, longest, cfg.batch_size):
+            _check_stop(stop, world)
+            part = mine[start:start + cfg.batch_size]
+            if not part:  # this rank's slice is shorter: it still joins every stop agreement
+                yield 0
+                continue
+            batch = [t for t, _ in part]
+            completions = gen.complete(batch, [sample_seed(cfg.seed, t.key, j) for t, j in part], interrupt)
+            if gen.shard.writer:
+                append_rows(output, [sample_row(t, j, c, gen) for (t, j), c in zip(part, completions, strict=True)])
+            bar.update(len(part) * gen.shard.dp_size)
+            yield len(part) if gen.shard.writer else 0
     finally:
         bar.close()
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _check_stop(stop: Stop, world: int) -> None:
-    """Raise :class:`Stopped` when a stop was requested; under tensor parallelism when any rank's was, all together
+    """Raise :class:`Stopped` when a stop was requested; with several processes when any one's was, all together
     (so that no rank is left waiting in a collective)."""
     if world == 1:
         stop.check()
@@ -170,29 +191,10 @@ def _check_stop(stop: Stop, world: int) -> None:
         raise Stopped(stop.reason)
 
 
-def _generate_batch(model: Any, tok: Any, prompter: Prompter, batch: list[Task], cfg: GenerateConfig, seed: int,
-                    prefix_lm: bool, interrupt: Callable[[], None] | None = None,
-                    ) -> tuple[list[tuple[list[int], list[int], str]], list[list[int]]]:
-    """(each task's encoded prompt, the tokens generated for it), generation ending at each task's stop rule;
-    ``interrupt`` is called before each decoding step (see :func:`megatron_code.generation.generate`)."""
-    from megatron_code.generation import SamplingConfig, generate
-
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy, temperature=cfg.temperature,
-                              top_p=cfg.top_p, seed=seed)
-    encoded = [prompter.encode(t) for t in batch]
-
-    def stop(i: int, new: list[int]) -> bool:
-        return prompter.completion(batch[i], new, encoded[i][2])[1]
-
-    outs = generate(model, [e[0] for e in encoded], sampling, pad_id=tok.pad_id, eod_id=tok.eod_id, stop=stop,
-                    vocab_limit=tok.vocab_size, modality=[e[1] for e in encoded], prefix_lm=prefix_lm,
-                    interrupt=interrupt)
-    return encoded, outs
-
-
-def sample_row(task: Task, completion: str, prompter: Prompter, checkpoint: str, step: int) -> dict[str, Any]:
+def sample_row(task: Task, number: int, completion: str, gen: Generator) -> dict[str, Any]:
     """A line of samples.jsonl: the completion and every field the executor and the report read."""
+    uses_pairs = gen.prompter.uses_pairs(task)
     return {"task_id": task.task_id, "completion": completion, "key": task.key, "kind": task.kind,
             "language": task.language, "source_language": task.source_language, "prefix_lines": task.prefix_lines,
-            "prompt_format": "pairs" if prompter.uses_pairs(task) else "plain", "checkpoint": checkpoint,
-            "checkpoint_step": step}
+            "sample": number, "prompt_format": "pairs" if uses_pairs else "plain", "backend": gen.name,
+            "checkpoint": gen.source, "checkpoint_step": gen.step}

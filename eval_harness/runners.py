@@ -92,6 +92,9 @@ PYTHON_EPILOGUE = ("import os as _codegeex_os\n_codegeex_os.write(3, b'?')\n"
                    "print(_codegeex_os.read(4, 256).decode().strip(), flush=True)\n")
 
 
+WHOLE_PROGRAM = "whole_program"  # set in a builder's extra: the code is a whole program, not the prompt + completion
+
+
 def python_program(code: str, test: str, extra: dict[str, str]) -> Program:
     """HumanEval-X: code (prompt + completion) + tests, which end by calling check; MBPP: + setup before the asserts.
     The system interpreter runs it: a virtual environment under /tmp is hidden by the sandbox's private /tmp, and
@@ -245,11 +248,26 @@ func codegeexAttest() {
 """
 
 
+GO_PACKAGE_CLAUSE = re.compile(r"^[ \t]*package[ \t]+\w+[ \t]*\n?", re.M)
+GO_IMPORTS = re.compile(r'^[ \t]*import[ \t]*(?:\([^)]*\)|"[^"]+")[ \t]*\n?', re.M)
+
+
+def go_header(code: str) -> tuple[str, list[str]]:
+    """A whole program's code without its package clause and import declarations, and the paths it imported (the
+    test setup brings the file's own package clause and imports)."""
+    paths = [p for m in GO_IMPORTS.finditer(code) for p in re.findall(r'"([^"]+)"', m.group(0))]
+    return GO_IMPORTS.sub("", GO_PACKAGE_CLAUSE.sub("", code, count=1)), paths
+
+
 def go_program(code: str, test: str, extra: dict[str, str]) -> Program:
     """HumanEval-X Go: the test setup (package, testing, testify) + the prompt without its imports + the completion +
-    the tests. Imports are those the code uses, from the problem's own block and the common packages."""
+    the tests. Imports are those the code uses, from the problem's own block and the common packages. A whole
+    program (``extra[WHOLE_PROGRAM]``) also loses its own package clause and imports, which join the file's."""
     declared = re.findall(r'"([^"]+)"', extra.get("import", ""))
     body = code.replace(extra.get("import", ""), "") if extra.get("import") else code
+    if extra.get(WHOLE_PROGRAM):
+        body, own = go_header(body)
+        declared += own
     setup = extra.get("test_setup", "package main\n\nimport (\n    \"testing\"\n)\n")
     code_only = re.sub(r"//[^\n]*|/\*.*?\*/", "", body, flags=re.S)  # "strings." in a comment is no use
     used = [p for p in dict.fromkeys(declared + GO_PACKAGES)

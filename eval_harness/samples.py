@@ -3,7 +3,9 @@
 ``samples.jsonl``: one JSON object per line with at least ``task_id`` and ``completion`` (human-eval's format, so
 samples from any model can be scored); our generator adds ``key`` (the task's key, which states its kind),
 ``kind`` (generation | translation | incremental | example), ``language``, ``source_language``, ``prefix_lines``.
-Without ``kind`` a sample is a generation sample in the language its task id names (``CPP/12``, ``MBPP/11``).
+Without ``kind`` a sample is a generation sample in the language its task id names (``CPP/12``, ``MBPP/11``). The
+files of human-eval, bigcode-evaluation-harness, CodeGeeX and EvalPlus are read too, into these fields
+(:mod:`eval_harness.sample_formats`).
 
 ``results.jsonl``: the sample's fields plus ``sample_index`` (its place among the samples of the same task key, in
 file order), ``status``, ``passed``, timings and truncated output. Results are appended as they finish; a resumed
@@ -33,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from common.io import read_jsonl
+from eval_harness.sample_formats import read_sample_records
 from eval_harness.tasks import Kind, sample_key
 
 log = logging.getLogger("codegeex.eval")
@@ -59,7 +61,11 @@ def normalise(sample: dict[str, Any], where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: kind {kind!r} must be one of {', '.join(Kind)}")
     out = dict(sample)
     out["kind"] = Kind(kind)
-    out.setdefault("language", language_of(sample["task_id"]))
+    if "language" not in out:
+        try:
+            out["language"] = language_of(sample["task_id"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     if kind == Kind.TRANSLATION and not sample.get("source_language"):
         raise ValueError(f"{where}: a translation sample needs source_language")
     out.setdefault("key", sample_key(sample["task_id"], kind, out["language"], sample.get("source_language", ""),
@@ -67,18 +73,22 @@ def normalise(sample: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Every sample, normalised, with its ``sample_index``; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"samples file {path} does not exist")
+def read_samples(path: str | Path, language: str = "", tasks: str = "") -> list[dict[str, Any]]:
+    """Every sample, normalised, with its ``sample_index``; errors name the file and line. ``language`` and
+    ``tasks`` say what ``HumanEval/N`` ids and a bigcode list hold (:func:`read_located_samples`)."""
+    return [sample for _, sample in read_located_samples(path, language, tasks)]
+
+
+def read_located_samples(path: str | Path, language: str = "", tasks: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(where, sample) for every sample of a file in any format :mod:`eval_harness.sample_formats` reads, normalised,
+    with its ``sample_index`` (its place among the samples of its key, in file order)."""
     seen: Counter[str] = Counter()
     out = []
-    for number, rec in enumerate(read_jsonl(path), 1):
-        sample = normalise(rec, f"{path}:{number}")
+    for rec in read_sample_records(path, language, tasks):
+        sample = normalise(rec.fields, rec.where)
         sample["sample_index"] = seen[sample["key"]]
         seen[sample["key"]] += 1
-        out.append(sample)
+        out.append((rec.where, sample))
     return out
 
 

@@ -53,7 +53,7 @@ def evaluate_new_checkpoints(cfg: WatchConfig) -> list[str]:
         root.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps(state) + "\n")
         results = [root / d / "results.jsonl" for d in state["done"] if (root / d / "results.jsonl").exists()]
-        md, _ = write_report(results, root / "report", [1, 10, 100])
+        md, _ = write_report(results, root / "report")  # ks: 1, 10, 100 where n allows, and n
         log.info("report: %s", md)
     return [p.name for p in new]
 

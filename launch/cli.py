@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.config import ConfigError
 from common.logs import setup_logging
@@ -39,9 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_argument_file(argv: Sequence[str]) -> list[str]:
+    """``codegeex @FILE``: the arguments are FILE's JSON list of strings (how launchers hand a command to every rank:
+    torchrun's own parser would claim options such as ``--n`` that it reads as abbreviations of its own)."""
+    argv = list(argv)
+    if len(argv) != 1 or not argv[0].startswith("@"):
+        return argv
+    path = argv[0][1:]
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"codegeex: argument file {path}: {exc}") from None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise SystemExit(f"codegeex: argument file {path} must hold a JSON list of strings")
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_argument_file(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level)
     if args.group == "train":
         # a rank started by hand (`torchrun -m launch.cli train ...`, not `codegeex launch`) gets what the launchers

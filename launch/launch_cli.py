@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_deepspeed)
 
     p = sub.add_parser("slurm", help="render an sbatch script and submit it (training, or --array for data builds)",
-                       description="codegeex launch slurm CONFIG [key=value ...] | --array N -- data build ...")
+                       description="codegeex launch slurm CONFIG [key=value ...] | --array N -- data build ... | "
+                                   "-- eval generate ...")
     p.add_argument("job", nargs=argparse.REMAINDER, help="CONFIG [key=value ...], or with --array: -- data build ...")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks")
@@ -62,7 +65,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="training YAML")
+    p.add_argument("config", help="training YAML (or, after --, a command every rank runs: eval generate ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--dry-run", action="store_true", help="write the run directory's record, print the command")
 
@@ -89,17 +92,39 @@ def _start(run_dir: Path, name: str, cmd: list[str], env: dict[str, str], dry_ru
     return subprocess.call(cmd, env=env)
 
 
+def _job_target(args: argparse.Namespace) -> tuple[Path, Path | None, list[str] | None]:
+    """(run directory, resolved training config or None, codegeex command or None) of a local/torchrun job: a
+    training CONFIG with overrides, or ``-- eval generate ... --output FILE`` (recorded beside FILE)."""
+    from launch.launchers import codegeex_command
+
+    command = codegeex_command([args.config, *args.overrides])
+    if command is not None:
+        output = Path(command[command.index("--output") + 1]).resolve()
+        return output.parent, None, [f"@{argument_file(output.parent, command)}"]
+    _, run_dir, config = _resolve(args.config, args.overrides)
+    return run_dir, config, None
+
+
+def argument_file(run_dir: Path, command: list[str]) -> Path:
+    """Write ``command`` (a codegeex command line) as the JSON list every rank reads with ``codegeex @FILE``."""
+    path = run_dir / "launch" / f"command-{os.getpid()}-{time.time_ns()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(command) + "\n")
+    return path
+
+
 def cmd_torchrun(args: argparse.Namespace) -> int:
     from launch.launchers import gpus_here, parse_endpoint, torchrun_command, worker_environment
 
-    cfg, run_dir, config = _resolve(args.config, args.overrides)
+    run_dir, config, command = _job_target(args)
     if args.launcher_name == "local":
         cmd = torchrun_command(config, nproc_per_node=args.nproc, max_restarts=args.max_restarts,
-                               run_id=f"local-{os.getpid()}")
+                               run_id=f"local-{os.getpid()}", command=command)
     else:
         parse_endpoint(args.rdzv)
         cmd = torchrun_command(config, nproc_per_node=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                               rdzv=args.rdzv, run_id=args.run_id or run_dir.name, max_restarts=args.max_restarts)
+                               rdzv=args.rdzv, run_id=args.run_id or run_dir.name, max_restarts=args.max_restarts,
+                               command=command)
     env = worker_environment(args.nproc, gpus=gpus_here())  # torchrun starts its workers on this machine
     return _start(run_dir, args.launcher_name, cmd, env, args.dry_run)
 
@@ -137,7 +162,24 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     opts.validate()
     if args.array:
         return _slurm_array(args, opts, job)
+    if job[:1] == ["eval"]:
+        return _slurm_command(args, opts, job)
     return _slurm_training(args, opts, job)
+
+
+def _slurm_command(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
+    from launch.launchers import codegeex_command
+    from launch.slurm import command_script
+
+    command = codegeex_command(job)
+    assert command is not None
+    output = Path(command[command.index("--output") + 1]).resolve()
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else output.parent
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    text = command_script(opts, command=[f"@{argument_file(run_dir, command)}"], log_dir=run_dir / "logs",
+                          python=sys.executable, workdir=Path.cwd())
+    _write_and_submit(run_dir, [("generate.sbatch", text, "")], args)
+    return 0
 
 
 def _write_and_submit(run_dir: Path, scripts: list[tuple[str, str, str]], args: argparse.Namespace) -> list[str]:

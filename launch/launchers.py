@@ -105,10 +105,12 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def torchrun_command(config: Path, *, nproc_per_node: int, nnodes: int = 1, node_rank: int | None = None,
+def torchrun_command(config: Path | None, *, nproc_per_node: int, nnodes: int = 1, node_rank: int | None = None,
                      rdzv: str = "127.0.0.1:0", run_id: str = "codegeex", max_restarts: int = 0,
-                     python: str = sys.executable, monitor_interval: float = 1.0) -> list[str]:
-    """torchrun with the c10d rendezvous. ``node_rank`` 0 hosts the rendezvous store; others dial it."""
+                     python: str = sys.executable, monitor_interval: float = 1.0,
+                     command: list[str] | None = None) -> list[str]:
+    """torchrun with the c10d rendezvous. ``node_rank`` 0 hosts the rendezvous store; others dial it. Workers train
+    ``config``, or run the codegeex ``command`` (e.g. ``eval generate ...``) instead."""
     if nproc_per_node < 1 or nnodes < 1:
         raise ConfigError(f"--nproc ({nproc_per_node}) and --nnodes ({nnodes}) must be at least 1")
     if node_rank is not None and not 0 <= node_rank < nnodes:
@@ -118,7 +120,25 @@ def torchrun_command(config: Path, *, nproc_per_node: int, nnodes: int = 1, node
            "--max-restarts", str(max_restarts), "--monitor-interval", str(monitor_interval)]
     if node_rank is not None and nnodes > 1:
         cmd += ["--rdzv-conf", f"is_host={int(node_rank == 0)}", "--node-rank", str(node_rank)]
+    if command is not None:
+        return cmd + ["-m", "launch.cli", *command]
     return cmd + TRAIN_MODULE + ["--config", str(config)]
+
+
+MULTI_RANK_COMMANDS = (("eval", "generate"),)  # codegeex commands a launcher runs on every rank, besides training
+
+
+def codegeex_command(job: list[str]) -> list[str] | None:
+    """The codegeex command a launcher was given after ``--`` (``eval generate ...``), or None for a training
+    config; any other command is refused, naming the ones that run on many ranks."""
+    if not job or job[0].endswith((".yaml", ".yml")) or "/" in job[0] or job[0] not in {c[0] for c in MULTI_RANK_COMMANDS}:
+        return None
+    if tuple(job[:2]) not in MULTI_RANK_COMMANDS:
+        raise ConfigError(f"'{' '.join(job[:2])}' does not run on many ranks; a launcher runs a training CONFIG or "
+                          + ", ".join(f"'-- {' '.join(c)} ...'" for c in MULTI_RANK_COMMANDS))
+    if "--output" not in job[:-1]:
+        raise ConfigError(f"'{' '.join(job[:2])}' needs --output (its run record goes beside it)")
+    return job
 
 
 @dataclass

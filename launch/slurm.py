@@ -111,6 +111,22 @@ def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: 
     return "\n".join(_header(opts, run_dir / "logs", extra) + [""] + body) + "\n"
 
 
+def command_script(opts: SlurmOptions, *, command: list[str], log_dir: Path, python: str, workdir: Path) -> str:
+    """One torchrun per node running the codegeex ``command`` on every rank (``eval generate ...``: tensor x data
+    parallel generation; a rerun resumes, so the job is requeued when preempted)."""
+    opts.validate()
+    extra = ["--requeue"] if opts.requeue else []
+    torchrun = [python, "-m", "torch.distributed.run", "--nnodes", str(opts.nodes),
+                "--nproc-per-node", str(opts.ranks_per_node), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "${RDZV_HOST}:${RDZV_PORT}", "--rdzv-id", "${SLURM_JOB_ID}",
+                "--max-restarts", str(opts.max_restarts), "-m", "launch.cli", *map(shlex.quote, command)]
+    body = ["set -uo pipefail", f"cd {shlex.quote(str(workdir))}", *_environment(opts),
+            "RDZV_HOST=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+            f"RDZV_PORT=$(( {opts.rdzv_port} + SLURM_JOB_ID % 1000 ))", "export RDZV_HOST RDZV_PORT",
+            "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c " + shlex.quote("exec " + " ".join(torchrun))]
+    return "\n".join(_header(opts, log_dir, extra) + [""] + body) + "\n"
+
+
 def array_script(opts: SlurmOptions, *, tasks: int, command: list[str], log_dir: Path, workdir: Path) -> str:
     """``tasks`` array tasks, each one part of a sharded ``codegeex data build``."""
     opts.validate()

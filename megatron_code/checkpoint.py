@@ -4,9 +4,14 @@ Layout::
 
     DIR/manifest.json                  format, model config, TP size, step, tokenizer, git revision, tensor specs
     DIR/model-tp00-of-02.safetensors   one file per tensor-parallel rank
+    DIR/tokenizer.model                the SentencePiece model (and tokenizer.vocab), when the trainer knew it
+
+The manifest names the tokenizer relative to DIR, so a checkpoint works from any directory and after a move. Every
+file is written 0644 and every folder 0755 whatever the umask: a checkpoint is readable by the group.
 
 A directory of checkpoints names its newest in a ``latest`` file (:func:`latest_pointer`, :func:`point_latest`):
-training writes one under its checkpoint root (:mod:`megatron_code.train_checkpoint`).
+training writes one under its checkpoint root (:mod:`megatron_code.train_checkpoint`). Every command taking a
+checkpoint finds its model directory through :func:`resolve_model_dir`.
 
 A tensor's spec gives its full shape and the dimension it is split along (None: replicated). Loading into another
 TP size reads, for each rank, only the slices it needs (safetensors reads slices without loading whole files).
@@ -16,6 +21,9 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,13 +43,18 @@ from common.contracts import (
     load_checkpoint_manifest,
     write_manifest,
 )
-from common.io import write_text_atomic
+from common.io import DIR_MODE, FILE_MODE, make_shared, write_bytes_atomic, write_text_atomic
 from common.revision import git_revision
 from megatron_code.config import ModelConfig
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
 
+log = logging.getLogger("codegeex.model")
+
 LATEST = "latest"  # the pointer file's name
+TOKENIZER_FILE = "tokenizer.model"  # the tokenizer's copy in a model directory (its .vocab beside it as tokenizer.vocab)
+EXPECTED = ("a model directory (with manifest.json), a step-N directory (with model/), or a checkpoints or run "
+            "directory (with a latest pointer or step-N directories)")
 
 
 def shard_name(rank: int, tp: int) -> str:
@@ -71,16 +84,47 @@ def new_manifest(cfg: ModelConfig, tensors: dict[str, TensorSpec], tp_size: int,
 
 def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, tokenizer: TokenizerRecord | None = None,
                     pairs: PairLayout | None = None, objective: str | None = None) -> None:
-    """Write this rank's shard (data-parallel rank 0 of each TP group) and, on global rank 0, the manifest."""
+    """Write this rank's shard (data-parallel rank 0 of each TP group) and, on global rank 0, the manifest and a copy
+    of the tokenizer (:func:`carry_tokenizer`: ``tokenizer.path`` is absolute or relative to the working directory)."""
     path = Path(path)
     pc = model.pc
     if pc.dp_rank == 0:
         path.mkdir(parents=True, exist_ok=True)
+        path.chmod(DIR_MODE)
         state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}
-        save_file(state, str(path / shard_name(pc.tp_rank, pc.tp_size)))
+        shard = path / shard_name(pc.tp_rank, pc.tp_size)
+        save_file(state, str(shard))
+        shard.chmod(FILE_MODE)
     if pc.rank == 0:
-        write_manifest(path, new_manifest(model.cfg, tensor_specs(model), pc.tp_size, step, tokenizer, pairs,
-                                          objective))
+        record = carry_tokenizer(path, tokenizer)
+        write_manifest(path, new_manifest(model.cfg, tensor_specs(model), pc.tp_size, step, record, pairs, objective),
+                       FILE_MODE)
+
+
+def carry_tokenizer(directory: Path, record: TokenizerRecord | None,
+                    source: str | Path | None = None) -> TokenizerRecord | None:
+    """Copy the tokenizer file ``source`` (default: the one ``record`` names, absolute or relative to the working
+    directory) into ``directory`` as ``tokenizer.model``, with its ``.vocab`` beside it as ``tokenizer.vocab`` when
+    there is one; returns the record naming the copy (relative to ``directory``) with its sha256. When there is no
+    such file, or its sha256 is not the recorded one, nothing is copied and the record is returned as it is (with
+    a warning: generation will look for the recorded path, or need --tokenizer)."""
+    if record is None or not (source or record.path):
+        return record
+    src = Path(source or record.path)
+    if not src.is_file():
+        log.warning("%s: tokenizer %s not found; the checkpoint does not carry it", directory, src)
+        return record
+    data = src.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if record.sha256 and record.sha256 != digest:
+        log.warning("%s: tokenizer %s has sha256 %s, not the recorded %s; the checkpoint does not carry it",
+                    directory, src, digest, record.sha256)
+        return record
+    write_bytes_atomic(directory / TOKENIZER_FILE, data, FILE_MODE)
+    vocab = src.with_suffix(".vocab")
+    if vocab.is_file():
+        write_bytes_atomic(directory / Path(TOKENIZER_FILE).with_suffix(".vocab"), vocab.read_bytes(), FILE_MODE)
+    return dataclasses.replace(record, path=TOKENIZER_FILE, sha256=digest)
 
 
 def latest_pointer(root: Path) -> Path | None:
@@ -94,22 +138,53 @@ def latest_pointer(root: Path) -> Path | None:
 
 def point_latest(root: Path, name: str) -> None:
     """Make ``root``'s ``latest`` pointer name ``name`` (written beside it, then renamed over it: never half-written)."""
-    write_text_atomic(root / LATEST, name + "\n")
+    write_text_atomic(root / LATEST, name + "\n", FILE_MODE)
+
+
+def _model_in(step: Path) -> Path | None:
+    """The model directory of a step directory (``step/model``, or ``step`` itself), or None."""
+    for candidate in (step, step / "model"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
+
+
+def _root_model(root: Path) -> Path | None:
+    """The model directory a checkpoint root offers: that of the step its ``latest`` names; without a pointer, that
+    of its newest ``step-*`` directory holding one (step directories copied without it, or a crash between a first
+    save's rename and its pointer); None when it offers neither."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        model = _model_in(root / name)
+        if model is None:
+            raise FileNotFoundError(f"{root}: no checkpoint there: its {LATEST} pointer names {name!r}, which holds no "
+                                    f"model directory ({MANIFEST})")
+        return model
+    steps = sorted(m for d in root.glob("step-*") if (m := _model_in(d)) is not None)
+    if steps:
+        log.info("%s: no %s pointer; taking its newest step directory, %s", root, LATEST, steps[-1])
+        return steps[-1]
+    return None
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model directory of a model directory, a training step directory (``step-N/model``), a checkpoint root or
-    a run directory (the last two through their ``latest`` pointer)."""
+    """The model directory (the one holding manifest.json) of: a model directory; a step directory (its ``model/``);
+    a checkpoint root or a run directory (its ``checkpoints/``), through their ``latest`` pointer, or without one
+    their newest step directory. Every command taking a checkpoint resolves it here; FileNotFoundError naming the
+    path and what was expected otherwise."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (expected {EXPECTED})")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is a file, not a checkpoint (expected {EXPECTED}; a CodeGeeX .pt file "
+                                "converts with `codegeex model convert FILE --to native`)")
+    model = _model_in(p)
     for root in (p, p / "checkpoints"):
-        latest = latest_pointer(root)
-        if latest is not None:
-            p = latest
-            break
-    for candidate in (p, p / "model"):
-        if (candidate / MANIFEST).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no checkpoint there (a model, step-N, checkpoints or run directory)")
+        model = model or _root_model(root)
+    if model is None:
+        raise FileNotFoundError(f"{p}: no checkpoint there (expected {EXPECTED})")
+    return model
 
 
 def read_manifest(path: str | Path) -> CheckpointManifest:
@@ -187,11 +262,18 @@ def load_parameters(model: CodeGeeXModel, state: dict[str, Tensor], source: str)
             p.copy_(state[name])
 
 
-def load_model(path: str | Path, pc: ParallelContext) -> CodeGeeXModel:
-    """Build the model a checkpoint describes, for this parallel context, and load it (for inference: without
-    sequence parallelism, which a KV cache's one-token steps cannot split)."""
+def load_model(path: str | Path, pc: ParallelContext, dtype: str | None = None) -> CodeGeeXModel:
+    """Build the model a checkpoint describes, for this parallel context, on its device, and load it (for inference:
+    without sequence parallelism, which a KV cache's one-token steps cannot split). ``dtype``: the parameters' dtype
+    (float32, bfloat16, float16; ``auto``: bfloat16 on a GPU, float32 on the CPU; None: the checkpoint's)."""
     cfg = model_config(read_manifest(path))
     cfg.sequence_parallel = False
+    if dtype == "auto":
+        dtype = "bfloat16" if pc.device.type == "cuda" else "float32"
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype!r} must be auto, float32, bfloat16 or float16")
+        cfg.params_dtype = dtype  # type: ignore[assignment]  # checked just above
     model = CodeGeeXModel(cfg, pc, initialize=False)
     load_parameters(model, load_shard(path, pc.tp_rank, pc.tp_size), str(path))
     return model
@@ -202,12 +284,35 @@ def full_state(path: str | Path) -> tuple[CheckpointManifest, dict[str, Tensor]]
     return read_manifest(path), load_shard(path, 0, 1)
 
 
-def write_full_state(path: str | Path, manifest: CheckpointManifest, state: dict[str, Tensor], tp: int) -> None:
-    """Write a TP=1 state as a ``tp``-way checkpoint (conversion, no process group)."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    for r, shard in enumerate(reshard([state], manifest.tensors, tp)):
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(path / shard_name(r, tp)))
-    write_manifest(path, dataclasses.replace(manifest, tp_size=tp))
+def check_output_dir(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is missing, an empty directory or a checkpoint (has manifest.json)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: a native checkpoint is a directory; choose another output")
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise ValueError(f"{path} exists and is not a checkpoint directory (no {MANIFEST}): refusing to replace it; "
+                         "choose another output or remove it")
+
+
+def write_full_state(path: str | Path, manifest: CheckpointManifest, state: dict[str, Tensor], tp: int,
+                     tokenizer: str | Path | None = None) -> None:
+    """Write a TP=1 state as a ``tp``-way checkpoint in directory ``path`` (conversion, no process group): written
+    beside it and renamed, its parents created; a checkpoint already there is replaced, anything else refused
+    (:func:`check_output_dir`). ``tokenizer``: the tokenizer file to carry (:func:`carry_tokenizer`, with the
+    manifest's record); None: the record is kept as it is."""
+    path = Path(path).resolve()
+    check_output_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for r, shard in enumerate(reshard([state], manifest.tensors, tp)):
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / shard_name(r, tp)))
+        record = manifest.tokenizer if tokenizer is None else carry_tokenizer(tmp, manifest.tokenizer, tokenizer)
+        write_manifest(tmp, dataclasses.replace(manifest, tp_size=tp, tokenizer=record))
+        make_shared(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -21,16 +21,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="between native checkpoints, the CodeGeeX-13B layout and safetensors")
-    p.add_argument("input", help="a native checkpoint directory, or a CodeGeeX .pt file with --to native")
+    p.add_argument("input", help="a native checkpoint (a run, checkpoints, step-N or model directory), or a CodeGeeX "
+                   ".pt file with --to native")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="a directory (native: created; an existing one must be a "
+                   "checkpoint, which is replaced) or a file (codegeex, safetensors)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of a native output")
     p.add_argument("--head-dim", type=int, default=128, help="CodeGeeX input: head size (heads = hidden / head size)")
     p.add_argument("--fused-qkv", action="store_true", help="CodeGeeX input: build a fused-QKV native model")
+    p.add_argument("--tokenizer", help="SentencePiece model a native output carries (default: the input's; a CodeGeeX "
+                   "file records none)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample a completion from a checkpoint, for a quick look")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a run, checkpoints, step-N or model directory")
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the checkpoint names)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling: max_new_tokens, greedy, temperature, "
@@ -38,7 +42,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("neighbours", help="nearest tokens in the docstring and code embedding spaces, t-SNE plot")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint with separated embeddings (or a step-N dir)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint with separated embeddings (a run, checkpoints, "
+                   "step-N or model directory)")
     p.add_argument("--tokens", required=True, help="comma-separated words, each one token, e.g. open,join,def,split")
     p.add_argument("--k", type=int, default=20, help="neighbours per token and space")
     p.add_argument("--output", default="neighbours.png", help="where the t-SNE plot (PNG) goes")
@@ -58,7 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from megatron_code.convert import convert_checkpoint
 
-    convert_checkpoint(args.input, args.output, args.to, tp=args.tp, head_dim=args.head_dim, fused_qkv=args.fused_qkv)
+    convert_checkpoint(args.input, args.output, args.to, tp=args.tp, head_dim=args.head_dim, fused_qkv=args.fused_qkv,
+                       tokenizer=args.tokenizer)
     return 0
 
 

@@ -59,6 +59,27 @@ def filter_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return logits
 
 
+def sample_next(logits: Tensor, cfg: SamplingConfig, u: Tensor) -> Tensor:
+    """logits (B, V), ``u`` (B,) uniforms in [0, 1) -> the next token of every row (B,): the most likely one when
+    greedy, else an inverse-CDF draw from the softmax at ``temperature`` over the tokens top-k and top-p keep (as
+    :func:`filter_logits` keeps them). A row's token depends only on its own logits and its own ``u``, never on the
+    rows batched with it, so a prompt gets the same sample whichever batch, rank or machine generates it."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    sorted_logits, order = torch.sort(logits / cfg.temperature, descending=True, dim=-1)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    cum = probs.cumsum(dim=-1)  # (B, V)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if cfg.top_k > 0:
+        keep[:, cfg.top_k:] = False
+    if cfg.top_p < 1.0:
+        keep &= cum - probs < cfg.top_p  # the first token past the threshold stays
+    kept = keep.sum(dim=-1, keepdim=True)  # (B, 1): a prefix of the sorted tokens
+    total = cum.gather(1, kept - 1)  # (B, 1): its probability mass
+    idx = torch.searchsorted(cum, u[:, None].to(cum.dtype) * total, right=True)  # (B, 1)
+    return order.gather(1, torch.minimum(idx, kept - 1)).squeeze(1)
+
+
 def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
     """Vocab-parallel (B, V/tp) -> full (B, V) on every rank."""
     if model.pc.tp_size == 1:
@@ -68,92 +89,122 @@ def _full_logits(model: CodeGeeXModel, logits: Tensor) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def row_uniforms(seeds: Sequence[int], steps: int) -> np.ndarray:
+    """(B, steps) uniforms in [0, 1): row i's from its own generator seeded ``seeds[i]`` (NumPy's PCG64, the same on
+    every platform), drawn on the host once per batch."""
+    return np.stack([np.random.default_rng(s).random(steps) for s in seeds]) if steps else np.zeros((len(seeds), 0))
+
+
+@dataclass
+class _Rows:
+    """The rows of a batch still generating, on the device; ``index`` maps them to the caller's prompts."""
+
+    index: list[int]
+    segments: Tensor  # (B, Tmax): -1 on left padding, 0 on the prompt and everything generated
+    prefix: Tensor | None  # (B, Tmax) bool: the bidirectional docstring prefix (prompt positions only)
+    uniforms: Tensor  # (B, steps)
+    positions: Tensor  # (B, 1): the position of the token fed next
+
+    def keep(self, alive: list[int], cache: KVCache, tokens: Tensor) -> Tensor:
+        """Drop the finished rows (``alive``: the places of the rows to keep) from the batch and the cache; returns
+        ``tokens`` (B, 1) of the kept rows."""
+        rows = to_device(np.asarray(alive, dtype=np.int64), self.segments.device)
+        cache.keep(rows)
+        self.index = [self.index[a] for a in alive]
+        self.segments, self.uniforms, self.positions = (t[rows] for t in (self.segments, self.uniforms, self.positions))
+        if self.prefix is not None:
+            self.prefix = self.prefix[rows]
+        return tokens[rows]
+
+
+def _prepare(model: CodeGeeXModel, prompts: Sequence[Sequence[int]], steps: int, pad_id: int,
+             modality: Sequence[Sequence[int]] | None, prefix_lm: bool,
+             seeds: Sequence[int]) -> tuple[Tensor, Tensor, Tensor | None, _Rows]:
+    """Left-padded prompt tokens and positions (B, L), their TEXT flags (B, L) and the batch's rows, built on the
+    host and copied to the device once."""
+    device = next(model.parameters()).device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    host_tokens = np.full((b, longest), pad_id, dtype=np.int64)  # (B, L)
+    host_seg = np.zeros((b, longest + steps), dtype=np.int64)  # (B, Tmax)
+    host_flags = np.zeros((b, longest + steps), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        host_tokens[i, longest - len(p):longest], host_seg[i, :longest - len(p)] = list(p), -1
+        if modality is not None and len(modality[i]):
+            host_flags[i, longest - len(modality[i]):longest] = list(modality[i])
+    tokens, seg = to_device(host_tokens, device), to_device(host_seg, device)
+    flags = to_device(host_flags, device) if modality is not None else None
+    positions = ((seg[:, :longest] >= 0).long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L): 0 from a prompt's start
+    text = None if flags is None else (flags[:, :longest] & TEXT) != 0
+    prefix = None if flags is None or not prefix_lm else (flags & PREFIX) != 0
+    rows = _Rows(list(range(b)), seg, prefix, to_device(row_uniforms(seeds, steps), device), positions[:, -1:])
+    return tokens, positions, text, rows
+
+
 @torch.no_grad()
 def generate(
     model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
     stop: Callable[[int, list[int]], bool] | None = None, vocab_limit: int | None = None,
     modality: Sequence[Sequence[int]] | None = None, prefix_lm: bool = False,
-    interrupt: Callable[[], None] | None = None,
+    interrupt: Callable[[], None] | None = None, seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt. Generation of a prompt ends at ``eod_id``, when ``stop(i, new_tokens)`` says so
     (the caller's per-language rules), or after ``max_new_tokens``. ``vocab_limit``: the tokenizer's size, when the
     model's vocabulary is padded beyond it (ids past it are never produced). ``modality``: per prompt token, the
     store's flags (:mod:`data_pipeline.pairs`): TEXT tokens go to a separated docstring table, and with ``prefix_lm``
     the PREFIX tokens attend to each other both ways, as PREFIX-CODE-CLM trained; generated tokens are code.
-    ``interrupt``: called before each decoding step; what it raises abandons the batch (a requested stop)."""
+    ``interrupt``: called before each decoding step; what it raises abandons the batch (a requested stop).
+    ``seeds``: one per prompt, the seed of its own sampling stream (default: ``cfg.seed`` and the prompt's place).
+
+    The KV cache is allocated once for the longest prompt plus the steps; each step runs the model on one new token
+    per row and reads the chosen tokens back to the host once (the step's only host sync). Rows that finished leave
+    the batch once a quarter of it has finished, so the rest run on a smaller batch."""
     model.eval()
-    device = next(model.parameters()).device
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    host_tokens = np.full((b, longest), pad_id, dtype=np.int64)  # (B, T): built on the host, copied once
-    host_seg = np.full((b, longest), -1, dtype=np.int64)
-    host_pos = np.zeros((b, longest), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        n = len(p)
-        host_tokens[i, longest - n:], host_seg[i, longest - n:], host_pos[i, longest - n:] = list(p), 0, np.arange(n)
-    tokens, seg, pos = (to_device(a, device) for a in (host_tokens, host_seg, host_pos))
-    text, prefix = _prompt_flags(modality, b, longest, device, prefix_lm)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    longest = max(len(p) for p in prompts)
+    steps = max(0, min(cfg.max_new_tokens, model.cfg.max_position_embeddings - longest + 1))
+    seeds = list(seeds) if seeds is not None else [cfg.seed * 1_000_003 + i for i in range(len(prompts))]
+    tokens, positions, text, rows = _prepare(model, prompts, steps, pad_id, modality, prefix_lm, seeds)
+    cache = model.new_cache(len(prompts), longest + steps)
     out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * b
-    cache: KVCache = []  # an empty cache: generation from the first step (the cache use's attention)
-    step_tokens, step_pos = tokens, pos
-    next_position = max(len(p) for p in prompts)  # the largest position of the next step, known on the host
-    new_col = torch.zeros((b, 1), dtype=torch.long, device=device)  # a new token's segment (0) and flags (off)
-    for _ in range(cfg.max_new_tokens):
+    done = [False] * len(prompts)
+    for step in range(steps):
         if interrupt is not None:
             interrupt()
-        if next_position - 1 >= model.cfg.max_position_embeddings:
-            break  # no learned position beyond this
-        logits, cache = model(step_tokens, step_pos, MaskInfo(seg, prefix), cache, text=text)  # (B, T, V/tp)
+        tk = longest + step  # key positions once this step's are cached
+        mask = MaskInfo(rows.segments[:, :tk], None if rows.prefix is None else rows.prefix[:, :tk])
+        logits, _ = model(tokens, positions, mask, cache, text=text if step == 0 else None, last_only=True)
         last = _full_logits(model, logits[:, -1].float())  # (B, V)
         if vocab_limit is not None and vocab_limit < last.shape[-1]:
             last[:, vocab_limit:] = float("-inf")
-        if cfg.greedy:
-            nxt = last.argmax(dim=-1)
-        else:
-            probs = torch.softmax(filter_logits(last, cfg), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        for i, t in enumerate(nxt.tolist()):  # the token's one host sync
+        nxt = sample_next(last, cfg, rows.uniforms[:, step])  # (B,)
+        for place, t in enumerate(nxt.tolist()):  # the step's one host sync
+            i = rows.index[place]
             if done[i]:
                 continue
             if eod_id is not None and t == eod_id:
                 done[i] = True
                 continue
             out[i].append(t)
-            if stop is not None and stop(i, out[i]):
-                done[i] = True
-        if all(done):
+            done[i] = stop is not None and stop(i, out[i])
+        alive = [place for place, i in enumerate(rows.index) if not done[i]]
+        if not alive:
             break
-        step_tokens = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        next_position += 1
-        seg = torch.cat([seg, new_col], dim=1)
-        text = None if text is None else new_col.bool()
-        if prefix is not None:
-            prefix = torch.cat([prefix, new_col.bool()], dim=1)
+        tokens, rows.positions = nxt[:, None], rows.positions + 1  # (B, 1) each: the token fed next, its position
+        if len(alive) <= 3 * len(rows.index) // 4:
+            tokens = rows.keep(alive, cache, tokens)
+        positions = rows.positions
     return out
-
-
-def _prompt_flags(modality: Sequence[Sequence[int]] | None, b: int, longest: int, device: torch.device,
-                  prefix_lm: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Left-padded (B, longest) TEXT and PREFIX masks of the prompts (padding: neither)."""
-    if modality is None:
-        return None, None
-    host = np.zeros((b, longest), dtype=np.int64)
-    for i, m in enumerate(modality):
-        if len(m):
-            host[i, longest - len(m):] = list(m)
-    flags = to_device(host, device)  # (B, T)
-    return (flags & TEXT) != 0, ((flags & PREFIX) != 0) if prefix_lm else None
 
 
 def generate_text(checkpoint: str | Path, prompts: Sequence[str], cfg: SamplingConfig,
                   tokenizer: str | Path | None = None) -> list[str]:
-    """Each prompt followed by its completion, sampled in this process (TP=1) from a checkpoint directory, with
-    ``tokenizer`` (default: the one the checkpoint names)."""
-    tok_path = read_manifest(checkpoint).tokenizer_path(tokenizer, checkpoint)
+    """Each prompt followed by its completion, sampled in this process (TP=1) from a checkpoint (a run, checkpoints,
+    step-N or model directory), with ``tokenizer`` (default: the one the checkpoint carries)."""
+    from megatron_code.checkpoint import resolve_model_dir
+
+    ckpt = resolve_model_dir(checkpoint)
+    tok_path = read_manifest(ckpt).tokenizer_path(tokenizer, ckpt)
     tok = CodeTokenizer(tok_path)
-    model = load_model(checkpoint, single_context())
+    model = load_model(ckpt, single_context())
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's vocab_size "
                          f"({model.cfg.vocab_size})")

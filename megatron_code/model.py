@@ -41,7 +41,41 @@ from megatron_code.fused import elementwise
 from megatron_code.modality import build_separation
 from megatron_code.parallel import ParallelContext, prepare_sequence_parallel, seed_device_initialisation
 
-KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys and values (B, H, Tk, D)
+
+class KVCache:
+    """Keys and values of every layer for a whole generation, allocated once: (L, B, H, Tmax, D) each, of which the
+    first :attr:`length` positions (a host int) are filled. A forward step writes its new positions in place (no
+    concatenation, no reallocation) and :meth:`advance` moves the length on once every layer has written."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.keys = torch.empty((layers, batch, heads, max_len, head_dim), dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0  # positions filled, on the host
+        self.pending = 0  # positions the current step writes
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, H, T, D) of the step's new positions -> every position's keys and values so far (B, H, Tk, D),
+        views into the buffer."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        self.pending = k.shape[2]
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self) -> None:
+        self.length += self.pending
+        self.pending = 0
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only batch rows ``rows`` (an index tensor on the cache's device): finished prompts leave the batch."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
 
@@ -117,9 +151,9 @@ class ParallelAttention(nn.Module):
         return out.permute(*order).reshape(*((t, b) if self.seq_first else (b, t)), h * d)
 
     def forward(self, x: Tensor, mask: MaskInfo, use: str, query_input: Tensor | None = None,
-                cache: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C), or (T/tp, B, C) sequence-parallel -> (output without bias, like x; bias (C,); keys and
-        values (B, H, Tk, D))."""
+                cache: tuple[KVCache, int] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, C), or (T/tp, B, C) sequence-parallel -> (output without bias, like x; bias (C,)). ``cache``: the
+        generation's cache and this layer's index in it (the new keys and values are written there)."""
         if self.fused:
             out, bias = self.query_key_value(x)
             q, k, v = self._heads(out + bias, 3)  # (B, H, T, D) each
@@ -127,15 +161,14 @@ class ParallelAttention(nn.Module):
             q, k, v = (self._heads(out + bias)[0] for out, bias in (
                 self.query(x if query_input is None else query_input), self.key(x), self.value(x)))
         if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, H, Tk, D)
+            k, v = cache[0].append(cache[1], k, v)  # (B, H, Tk, D)
         backend = self.backends[use]
         dropout = self.dropout if self.training else 0.0
         if self.recompute and self.training:  # selective: keep q, k, v; recompute the attention core in backward
             out = checkpoint(backend, q, k, v, mask, self.scale, dropout, use_reentrant=False)
         else:
             out = backend(q, k, v, mask, self.scale, dropout)  # (B, H, T, D)
-        dense, bias = self.dense(self._merge(out))  # like x
-        return dense, bias, (k, v)
+        return self.dense(self._merge(out))  # like x, and the bias (C,)
 
 
 class ParallelMLP(nn.Module):
@@ -172,12 +205,12 @@ class TransformerLayer(nn.Module):
         self.sp_group = pc.tp_group if mp.sequence_parallel else None
 
     def forward(self, x: Tensor, mask: MaskInfo, use: str, query_input: Tensor | None = None,
-                cache: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, C), or (T/tp, B, C) sequence-parallel -> the same shape, and this layer's keys and values."""
-        attn, bias, kv = self.attention(self.input_layernorm(x), mask, use, query_input, cache)
+                cache: tuple[KVCache, int] | None = None) -> Tensor:
+        """x (B, T, C), or (T/tp, B, C) sequence-parallel -> the same shape."""
+        attn, bias = self.attention(self.input_layernorm(x), mask, use, query_input, cache)
         x = self.bias_dropout_add(attn, _sp_bias(bias, self.sp_group), x, self.dropout, self.training)
         mlp, bias = self.mlp(self.post_attention_layernorm(x))
-        return self.bias_dropout_add(mlp, _sp_bias(bias, self.sp_group), x, self.dropout, self.training), kv
+        return self.bias_dropout_add(mlp, _sp_bias(bias, self.sp_group), x, self.dropout, self.training)
 
 
 class CodeGeeXModel(nn.Module):
@@ -265,33 +298,44 @@ class CodeGeeXModel(nn.Module):
                 query = scatter_to_sequence_parallel_region(query.transpose(0, 1).contiguous(), group=g)
         return self.embedding_dropout(x), query
 
-    def forward(self, tokens: Tensor, position_ids: Tensor, mask: MaskInfo,
-                cache: KVCache | None = None, text: Tensor | None = None) -> tuple[Tensor, KVCache]:
-        """tokens, position_ids (B, T) -> vocab-parallel logits (B, T, V/tp) and the updated KV cache; ``text`` (B, T)
-        marks docstring tokens, which separated embeddings take from their own table. A ``cache`` (an empty list to
-        start one) means generation; its attention backend is the cache use's."""
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions, on this rank's device, in the
+        parameters' dtype, holding this rank's heads of every layer (the top-query layer's too)."""
+        p = self.word_embeddings.weight
+        layers = self.cfg.num_layers + int(self.top_query_layer is not None)
+        return KVCache(layers, batch, self.cfg.num_attention_heads // self.pc.tp_size, max_len, self.cfg.head_dim,
+                       p.dtype, p.device)
+
+    def forward(self, tokens: Tensor, position_ids: Tensor, mask: MaskInfo, cache: KVCache | None = None,
+                text: Tensor | None = None, last_only: bool = False) -> tuple[Tensor, KVCache | None]:
+        """tokens, position_ids (B, T) -> vocab-parallel logits (B, T, V/tp), and ``cache``; ``text`` (B, T) marks
+        docstring tokens, which separated embeddings take from their own table. A ``cache``
+        (:meth:`new_cache`) means generation: the step's keys and values are written into it, and its attention
+        backend is the cache use's. ``last_only``: logits of the last position only (B, 1, V/tp)."""
         use = "cache" if cache is not None else "prefix" if mask.prefix is not None else "train"
         if self.sequence_parallel and (cache is not None or tokens.shape[1] % self.pc.tp_size):
             raise ValueError(f"sequence_parallel splits the sequence ({tokens.shape[1]} positions) over "
                              f"tensor_model_parallel_size ({self.pc.tp_size}): it must divide it, and generation with "
                              "a KV cache runs without sequence parallelism (load the model with sequence_parallel=false)")
         x, query = self._embed(tokens, position_ids, text)
-        new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             if self.recompute_layers and self.training and cache is None:  # full: keep only each layer's input
-                x, kv = checkpoint(layer, x, mask, use, None, None, use_reentrant=False)
+                x = checkpoint(layer, x, mask, use, None, None, use_reentrant=False)
             else:
-                x, kv = layer(x, mask, use, None, cache[i] if cache else None)
-            new_cache.append(kv)
+                x = layer(x, mask, use, None, None if cache is None else (cache, i))
         x = self.final_layernorm(x)
         if self.top_query_layer is not None:
-            x, kv = self.top_query_layer(x, mask, use, query, cache[len(self.layers)] if cache else None)
-            new_cache.append(kv)
+            slot = None if cache is None else (cache, len(self.layers))
+            x = self.top_query_layer(x, mask, use, query, slot)
+        if cache is not None:
+            cache.advance()
         if self.sequence_parallel:  # backward reduce-scatters the gradient the vocabulary slices sum to
             x = gather_from_sequence_parallel_region(x, True, group=self.pc.tp_group).transpose(0, 1)  # (B, T, C)
         else:
             x = copy_to_tensor_model_parallel_region(x, group=self.pc.tp_group)  # backward all-reduces over TP
-        return F.linear(x, self.word_embeddings.weight), new_cache  # (B, T, V/tp)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return F.linear(x, self.word_embeddings.weight), cache  # (B, T, V/tp)
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all TP ranks), counting replicated ones once."""

@@ -1,6 +1,7 @@
 """Training checkpoints: everything needed to continue bit for bit, written atomically.
 
-    ROOT/step-00000100/model/          native model checkpoint (manifest + TP shards): for generation and evaluation
+    ROOT/step-00000100/model/          native model checkpoint (manifest, TP shards, tokenizer): for generation and
+                                       evaluation
     ROOT/step-00000100/deepspeed/      DeepSpeed engine: module, optimizer and ZeRO partitions, LR scheduler, loss scaler
     ROOT/step-00000100/rng/            every rank's RNG states (safetensors)
     ROOT/step-00000100/trainer.json    step, sampler state, skipped steps, resolved config, git revision
@@ -8,7 +9,8 @@
 
 A checkpoint is written under ``.tmp-step-...`` and renamed when every rank has finished, then ``latest`` is
 replaced: a crash or kill during a save leaves the previous checkpoint loadable. Parameters holding NaN or Inf are
-never saved.
+never saved. Every file is made 0644 and every folder 0755 before the rename, whatever the umask (DeepSpeed's and
+torch's files included): the group can read a checkpoint, e.g. to evaluate it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from common.contracts import StoreManifest
+from common.io import DIR_MODE, make_shared
 from megatron_code.checkpoint import latest_pointer, point_latest, save_checkpoint
 from megatron_code.model import CodeGeeXModel
 
@@ -48,6 +51,7 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        root.chmod(DIR_MODE)
     dist.barrier()
     save_checkpoint(tmp / "model", model, step, data.tokenizer if data else None, data.pairs if data else None,
                     objective)
@@ -61,6 +65,7 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
     dist.barrier()
     if rank == 0:
+        make_shared(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

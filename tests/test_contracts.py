@@ -103,7 +103,9 @@ def test_checkpoint_manifest_round_trip_and_errors(tmp_path):
                            tokenizer=TokenizerRecord(path="t.model"), pairs=PairLayout(), objective="prefix-code-clm")
     write_manifest(tmp_path / "c", m)
     back = load_checkpoint_manifest(tmp_path / "c")
-    assert back == m and back.tokenizer_path(None, "c") == "t.model" and back.tokenizer_path("other", "c") == "other"
+    (tmp_path / "c" / "t.model").write_bytes(b"tok")  # the recorded path is relative to the checkpoint directory
+    assert back == m and back.tokenizer_path(None, tmp_path / "c") == str(tmp_path / "c" / "t.model")
+    assert back.tokenizer_path("other", "c") == "other"
     with pytest.raises(ValueError, match="c: the checkpoint names no tokenizer; pass --tokenizer"):
         CheckpointManifest(model={}, tp_size=1, tensors={}).tokenizer_path(None, "c")
     good = manifest_to_json(m)

@@ -6,6 +6,8 @@ what the previous stage really wrote."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,23 @@ def train_and_resume(store: Path, tmp: Path) -> Path:
     return tmp / "train" / "checkpoints" / "step-00000016" / "model"
 
 
+def check_checkpoint_files(root: Path, tokenizer: str) -> None:
+    """Each checkpoint carries the tokenizer, named relative to its model directory; every file is 0644 and every
+    folder 0755 although the ranks ran under umask 077 (DeepSpeed's, torch's and safetensors' files included)."""
+    from megatron_code.checkpoint import read_manifest
+
+    models = sorted(root.glob("step-*/model"))
+    assert [m.parent.name for m in models] == ["step-00000008", "step-00000016"]
+    for model in models:
+        record = read_manifest(model).tokenizer
+        assert record is not None and record.path == "tokenizer.model"
+        assert (model / "tokenizer.model").read_bytes() == Path(tokenizer).read_bytes()
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+    assert any(p.suffix == ".pt" for p in modes)  # DeepSpeed's files are there
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)}
+    assert wrong == {}, wrong
+
+
 def check_conversion(ckpt: Path, store: Path, tmp: Path) -> None:
     """The checkpoint in CodeGeeX's .pt layout and back gives the same logits on a batch of the store."""
     from data_pipeline.sampler import DataSampler, SamplerConfig, SourceConfig
@@ -76,7 +95,12 @@ def test_source_files_to_report_on_a_small_slice(tmp_path, tokenizer_model):
     assert main(["data", "build", "--input", "default", "--tokenizer", tokenizer_model, "--output", str(store),
                  "--seq-len", "64", "--workers", "2", "max_input_mb_per_language=0.25"]) == 0
     check_store(store)
-    ckpt = train_and_resume(store, tmp_path)
+    umask = os.umask(0o077)  # the spawned ranks inherit it
+    try:
+        ckpt = train_and_resume(store, tmp_path)
+    finally:
+        os.umask(umask)
+    check_checkpoint_files(tmp_path / "train" / "checkpoints", tokenizer_model)
     check_conversion(ckpt, store, tmp_path)
     samples, results = tmp_path / "samples.jsonl", tmp_path / "results.jsonl"
     assert main(["eval", "generate", "--checkpoint", str(tmp_path / "train"), "--data", data, "--languages", "all",
@@ -104,4 +128,4 @@ def test_source_files_to_report_on_a_small_slice(tmp_path, tokenizer_model):
         assert scores["generation"][lang]["pass@k"][1] == pytest.approx(expected) and expected >= 1 / 3
     assert main(["eval", "report", str(results), "--output", str(tmp_path / "report")]) == 0
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "<svg" in html and "pass@1" in (tmp_path / "report" / "report.md").read_text()
+    assert "<img src=\"data:image/png" in html and "pass@1" in (tmp_path / "report" / "report.md").read_text()

@@ -87,3 +87,40 @@ def test_model_cli_info_convert_generate(model, tmp_path, capsys, caplog, tokeni
     capsys.readouterr()
     assert main(["model", "generate", "--checkpoint", str(tmp_path / "big"), *args]) == 0
     assert capsys.readouterr().out.startswith("def f(")
+
+
+def test_sampling_draws_from_the_filtered_softmax():
+    """Inverse-CDF draws over evenly spread uniforms reproduce softmax(filter_logits(...)) to within 1/N."""
+    from megatron_code.generation import sample_next
+
+    torch.manual_seed(3)
+    logits = torch.randn(3, 50) * 2
+    n = 4000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    for cfg in (SamplingConfig(temperature=0.7, top_p=0.9), SamplingConfig(temperature=1.3, top_p=1.0, top_k=5)):
+        want = torch.softmax(filter_logits(logits, cfg), dim=-1)  # (3, 50)
+        for row in range(3):
+            drawn = sample_next(logits[row:row + 1].expand(n, -1), cfg, u)  # (n,)
+            got = torch.bincount(drawn, minlength=50).double() / n
+            assert (got - want[row].double()).abs().max() < 2.0 / n, cfg
+    assert sample_next(logits, SamplingConfig(greedy=True), u[:3]).tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_prompts_sample_does_not_depend_on_its_batch_and_finished_rows_leave(model):
+    """Seeded per prompt: alone, or batched with others that stop early (so the batch shrinks mid-generation),
+    a prompt gets the same tokens; each step reads the device once."""
+    from tests.device_audit import HostSyncCounter
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.2, top_p=0.95)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9], [4, 4, 4, 4], [2, 3]]
+    seeds = [11, 22, 33, 44, 55]
+    alone = [generate(model, [p], cfg, pad_id=0, seeds=[s])[0] for p, s in zip(prompts, seeds, strict=True)]
+
+    def stop(i: int, toks: list[int]) -> bool:  # rows 0, 2 and 3 stop after 2, 3 and 4 tokens
+        return len(toks) == {0: 2, 2: 3, 3: 4}.get(i, 99)
+
+    with HostSyncCounter() as counter:
+        batched = generate(model, prompts, cfg, pad_id=0, seeds=seeds, stop=stop)
+    assert batched[1] == alone[1] and batched[4] == alone[4] and len(alone[1]) == 12
+    assert [batched[i] for i in (0, 2, 3)] == [alone[0][:2], alone[2][:3], alone[3][:4]]
+    assert counter.count == 12, counter.report()  # one per step, shrinking included

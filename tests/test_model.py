@@ -96,12 +96,17 @@ def test_kv_cache_matches_full_forward(pc, fused):
     pos = torch.arange(14).repeat(2, 1)
     seg = torch.zeros(2, 14, dtype=torch.long)
     full, _ = model(tokens, pos, MaskInfo(seg))
-    out, cache = model(tokens[:, :9], pos[:, :9], MaskInfo(seg[:, :9]))
+    cache = model.new_cache(2, 16)  # allocated once, two positions to spare
+    out, _ = model(tokens[:, :9], pos[:, :9], MaskInfo(seg[:, :9]), cache)
+    keys = cache.keys.data_ptr()
     steps = [out]
     for t in range(9, 14):
-        out, cache = model(tokens[:, t:t + 1], pos[:, t:t + 1], MaskInfo(seg[:, :t + 1]), cache)
+        out, _ = model(tokens[:, t:t + 1], pos[:, t:t + 1], MaskInfo(seg[:, :t + 1]), cache)
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+    assert cache.length == 14 and cache.keys.data_ptr() == keys  # written in place, never reallocated
+    last, _ = model(tokens, pos, MaskInfo(seg), last_only=True)  # (B, 1, V): generation's prefill
+    torch.testing.assert_close(last, full[:, -1:], **TOL)
 
 
 def test_native_checkpoint_round_trip_and_meta_reshard_to_8(pc, tmp_path):

@@ -164,7 +164,7 @@ def test_duplicates_count_once_in_scores_and_reports(tmp_path, caplog):
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     caplog.set_level(logging.WARNING)
     assert summary(files["dup"]) == summary(files["clean"])
-    assert summary(files["clean"])["generation"]["python"]["pass@k"] == {1: 0.25}
+    assert summary(files["clean"])["generation"]["python"]["pass@k"] == {1: 0.25, 2: 0.5}  # k 1 and n
     assert f"{files['dup']}: 3 duplicate rows" in caplog.text
     for name, path in files.items():
         assert main(["eval", "report", str(path), "--output", str(tmp_path / name / "rep"), "--ks", "1,2",
