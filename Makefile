@@ -26,7 +26,7 @@ $(BIN)/python:
 
 # Re-run the install only when the packaging changes.
 $(STAMP): setup.py pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e '.[train,dev]'
+	$(PIP) install -q -e '.[train,dev,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)

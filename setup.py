@@ -42,6 +42,8 @@ setup(
     extras_require={
         # The trainer's stack; pinned to the releases that run on this project's machines.
         "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8", "safetensors>=0.4", "tensorboard", "psutil"],
+        # `codegeex eval generate --backend hf` (and the native-vs-transformers benchmark); vLLM is left to GPU machines
+        "hf": ["transformers>=4.56,<6"],
         "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.17", "types-PyYAML", "types-tqdm"],
     },
     entry_points={"console_scripts": ["codegeex=launch.cli:main"]},

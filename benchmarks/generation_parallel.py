@@ -1,6 +1,7 @@
 """``codegeex eval generate`` in one process against TP=2 x DP=2 (``codegeex launch local --nproc 4 -- eval
 generate --tp 2``) on the same checkpoint, prompts and sampling: wall time of each command (start-up and model load
-included), samples/s, and whether the samples are equal (they must be: every sample has its own seeded stream).
+included), samples/s, and how many samples are identical (every sample has its own seeded stream, so all of them
+but a draw that lands within rounding of a CDF boundary: TP=2 sums partial products in another order).
 
     python -m benchmarks.generation_parallel --preset tiny --problems 8 --n 4 --json runs/gen_parallel.json
 
@@ -76,7 +77,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result[name] = {"seconds": timed([*launch, *gen, *extra, "--output", str(out)], env)}
         result["samples"] = len(samples(out))
         result[name]["samples_per_s"] = result["samples"] / result[name]["seconds"]
-    result["equal"] = samples(work / "one_process.jsonl") == samples(work / "tp2_dp2.jsonl")
+    one, spread = samples(work / "one_process.jsonl"), samples(work / "tp2_dp2.jsonl")
+    result["identical_samples"] = sum(spread.get(k) == v for k, v in one.items())  # of result["samples"]
     result["ratio"] = result["one_process"]["seconds"] / result["tp2_dp2"]["seconds"]
     return result
 

@@ -7,7 +7,7 @@ every prompt (no end token, no stop rule), with the same sampling settings (temp
 Tokens/s counts generated tokens only; the prompts' prefill is inside the timing.
 
     python -m benchmarks.generation_speed --preset pangu-coder-100m --batch 16 --new-tokens 64
-    python -m benchmarks.generation_speed --preset tiny --batch 16 --new-tokens 128 --json runs/gen_speed.json
+    python -m benchmarks.generation_speed --preset pangu-coder-100m --batch 16 --new-tokens 64 --same-prompt
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 
-def prompts(batch: int, vocab: int, seed: int, lengths: tuple[int, int]) -> list[list[int]]:
-    """``batch`` random prompts with lengths spread like HumanEval's (120-300 tokens by default)."""
+def prompts(batch: int, vocab: int, seed: int, lengths: tuple[int, int], same: bool = False) -> list[list[int]]:
+    """``batch`` random prompts with lengths spread like HumanEval's (120-300 tokens by default); ``same``: one
+    prompt ``batch`` times (n samples of one problem, as bigcode-evaluation-harness batches them)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(10, vocab, size=int(rng.integers(*lengths))).tolist() for _ in range(batch)]
+    made = [rng.integers(10, vocab, size=int(rng.integers(*lengths))).tolist() for _ in range(1 if same else batch)]
+    return made * batch if same else made
 
 
 def native_model(preset: str) -> Any:
@@ -85,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     native = native_model(args.preset)
     hf = gpt2_like(native.cfg)
-    batch = prompts(args.batch, native.cfg.vocab_size, 0, (args.min_prompt, args.max_prompt))
+    batch = prompts(args.batch, native.cfg.vocab_size, 0, (args.min_prompt, args.max_prompt), args.same_prompt)
     tokens = args.batch * args.new_tokens
     times: dict[str, list[float]] = {"native": [], "hf": []}
     run_native(native, batch[:2], 4, args.greedy)  # warm-up: allocator, kernels
@@ -95,6 +97,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         times["hf"].append(run_hf(hf, batch, args.new_tokens, args.greedy))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"preset": args.preset, "batch": args.batch, "new_tokens": args.new_tokens, "greedy": args.greedy,
+            "same_prompt": args.same_prompt,
             "prompt_tokens": sum(len(p) for p in batch), "threads": args.threads, "repeats": args.repeats,
             "native_params": sum(p.numel() for p in native.parameters()),
             "hf_params": sum(p.numel() for p in hf.parameters()), "transformers": transformers.__version__,
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-prompt", type=int, default=120)
     p.add_argument("--max-prompt", type=int, default=300)
     p.add_argument("--greedy", action="store_true")
+    p.add_argument("--same-prompt", action="store_true", help="one prompt, --batch samples of it")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="also write the figures here")
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     t = result["tokens_per_s"]
     sys.stdout.write(f"{args.preset} batch {args.batch} x {args.new_tokens} new tokens "
-                     f"({'greedy' if args.greedy else 'sampled'}): native {t['native']:.1f} tok/s, HF generate "
+                     f"({'greedy' if args.greedy else 'sampled'}{', one prompt' if args.same_prompt else ''}): native {t['native']:.1f} tok/s, HF generate "
                      f"{t['hf']:.1f} tok/s, {result['speedup']:.2f}x\n")
     return 0
 

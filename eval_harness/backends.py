@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from common.config import ConfigError
 from eval_harness.gen_config import GenerateConfig, prompt_format
-from eval_harness.stops import PYTHON_STOPS
+from eval_harness.stops import PYTHON_STOPS, truncate
 from eval_harness.tasks import Task
 
 if TYPE_CHECKING:
@@ -111,16 +111,34 @@ class NativeGenerator:
 
 
 class TextTokenizer:
-    """A Hugging Face tokenizer as :class:`Prompter` uses a tokenizer (``encode``, ``decode``)."""
+    """A Hugging Face tokenizer as :class:`Prompter` uses a tokenizer (``encode``, ``decode``), and the completion
+    of a task from the tokens generated after its prompt."""
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
+        self._heads: dict[tuple[int, ...], str] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tok.decode(ids, skip_special_tokens=True))
+
+    def decode_after(self, prompt: list[int], new: list[int]) -> str:
+        """The text ``new`` adds after ``prompt``: both decoded together, the prompt's own decoding cut off
+        (SentencePiece tokenizers, Llama's among them, drop a leading space when a sequence is decoded alone, which
+        would take one space off the first line's indentation; bigcode-evaluation-harness cuts the same way)."""
+        key = tuple(prompt)
+        if key not in self._heads:
+            if len(self._heads) > 256:  # a batch's prompts, not every prompt of the run
+                self._heads.clear()
+            self._heads[key] = self.decode(prompt)
+        head, full = self._heads[key], self.decode(prompt + new)
+        return full[len(head):] if full.startswith(head) else self.decode(new)
+
+    def cut(self, task: Task, prompt: list[int], new: list[int]) -> tuple[str, bool]:
+        """(the completion so far, cut by the task's stop rule; whether it has ended)."""
+        return truncate(task.language, task.prompt, self.decode_after(prompt, new))
 
 
 def _model_dir(cfg: GenerateConfig) -> Path:
@@ -165,9 +183,15 @@ class HFGenerator:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         if self.pad_id is None:
             raise ConfigError(f"--model {path}: its tokenizer has neither a pad nor an eos token")
+        from transformers import GenerationConfig
+
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(self.device)
         self.model.eval()
-        self.prompter = Prompter(TextTokenizer(self.tok), problems, None)  # type: ignore[arg-type]
+        self.model.generation_config = GenerationConfig()  # nothing of the directory's own generation_config.json
+        self.text = TextTokenizer(self.tok)
+        self.prompter = Prompter(self.text, problems, None)  # type: ignore[arg-type]
+        config = self.model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.source, self.cfg = str(path), cfg
         self.step: int | None = None
 
@@ -175,9 +199,14 @@ class HFGenerator:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-        cfg, prompter = self.cfg, self.prompter
-        encoded = [prompter.encode(t)[0] for t in batch]
+        cfg, text = self.cfg, self.text
+        encoded = [self.prompter.encode(t)[0] for t in batch]
         longest = max(len(e) for e in encoded)
+        new_tokens = cfg.max_new_tokens if not self.context else min(cfg.max_new_tokens, self.context - longest)
+        if new_tokens <= 0:
+            log.warning("%s: prompts of %d tokens leave no room in the model's %s positions", batch[0].task_id,
+                        longest, self.context)
+            return [""] * len(batch)
         ids = torch.tensor([[self.pad_id] * (longest - len(e)) + e for e in encoded], device=self.device)
         attention = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], device=self.device)
 
@@ -186,19 +215,19 @@ class HFGenerator:
                 if interrupt is not None:
                     interrupt()
                 new = input_ids[:, longest:].tolist()
-                ended = [prompter.completion(t, row, "")[1] for t, row in zip(batch, new, strict=True)]
+                ended = [text.cut(t, e, row)[1] for t, e, row in zip(batch, encoded, new, strict=True)]
                 return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
 
         gen = GenerationConfig(do_sample=not cfg.greedy, temperature=None if cfg.greedy else cfg.temperature,
                                top_p=None if cfg.greedy else cfg.top_p, top_k=None if cfg.greedy else 0,
-                               max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
-                               eos_token_id=self.tok.eos_token_id)
+                               max_new_tokens=new_tokens, pad_token_id=self.pad_id, repetition_penalty=1.0,
+                               num_beams=1, eos_token_id=self.tok.eos_token_id)
         torch.manual_seed(seeds[0] % 2**63)  # per batch: the same batches give the same samples
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=attention, generation_config=gen,
                                       stopping_criteria=StoppingCriteriaList([StopRules()]))
         rows = [[t for t in row if t != self.pad_id] for row in out[:, longest:].tolist()]
-        return [prompter.completion(t, row, "")[0] for t, row in zip(batch, rows, strict=True)]
+        return [text.cut(t, e, row)[0] for t, e, row in zip(batch, encoded, rows, strict=True)]
 
 
 class VLLMGenerator:
@@ -225,7 +254,8 @@ class VLLMGenerator:
         dtype = "auto" if cfg.dtype == "auto" else cfg.dtype
         self.llm = vllm.LLM(model=str(path), tensor_parallel_size=cfg.tp, seed=cfg.seed, dtype=dtype)
         self.vllm = vllm
-        self.prompter = Prompter(TextTokenizer(self.llm.get_tokenizer()), problems, None)  # type: ignore[arg-type]
+        self.text = TextTokenizer(self.llm.get_tokenizer())
+        self.prompter = Prompter(self.text, problems, None)  # type: ignore[arg-type]
         self.shard, self.source, self.cfg = Shard(), str(path), cfg
         self.step: int | None = None
 
@@ -237,10 +267,10 @@ class VLLMGenerator:
             n=1, temperature=0.0 if cfg.greedy else cfg.temperature, top_p=1.0 if cfg.greedy else cfg.top_p,
             max_tokens=cfg.max_new_tokens, seed=seed % 2**63,
             stop=list(PYTHON_STOPS) if t.language == "python" else None) for t, seed in zip(batch, seeds, strict=True)]
-        prompts = [{"prompt_token_ids": self.prompter.encode(t)[0]} for t in batch]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self.prompter.completion(t, list(o.outputs[0].token_ids), "")[0]
-                for t, o in zip(batch, outs, strict=True)]
+        encoded = [self.prompter.encode(t)[0] for t in batch]
+        outs = self.llm.generate([{"prompt_token_ids": e} for e in encoded], params, use_tqdm=False)
+        return [self.text.cut(t, e, list(o.outputs[0].token_ids))[0]
+                for t, e, o in zip(batch, encoded, outs, strict=True)]
 
 
 def load_generator(cfg: GenerateConfig, checkpoint: str | Path | None, problems: dict[str, Any]) -> Generator:

@@ -49,6 +49,9 @@ class GenerateConfig:
         if not self.greedy and (self.temperature <= 0 or not 0 < self.top_p <= 1):
             raise ConfigError(f"--temperature ({self.temperature}) must be positive and --top-p ({self.top_p}) in "
                               "(0, 1], or pass --greedy")
+        if self.backend == "hf" and self.tp != 1:
+            raise ConfigError(f"--tp ({self.tp}) is for --backend native and vllm; hf runs a whole model per rank "
+                              "(start several ranks with `codegeex launch local --nproc N -- eval generate ...`)")
         if self.backend != "native" and (self.prompt_format == "pairs" or self.prefix_lm == "on" or self.tokenizer):
             raise ConfigError(f"--prompt-format pairs, --prefix-lm on and --tokenizer are for native checkpoints; "
                               f"--backend {self.backend} uses the model directory's own tokenizer and plain prompts")

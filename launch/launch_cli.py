@@ -95,11 +95,11 @@ def _start(run_dir: Path, name: str, cmd: list[str], env: dict[str, str], dry_ru
 def _job_target(args: argparse.Namespace) -> tuple[Path, Path | None, list[str] | None]:
     """(run directory, resolved training config or None, codegeex command or None) of a local/torchrun job: a
     training CONFIG with overrides, or ``-- eval generate ... --output FILE`` (recorded beside FILE)."""
-    from launch.launchers import codegeex_command
+    from launch.launchers import codegeex_command, output_of
 
     command = codegeex_command([args.config, *args.overrides])
     if command is not None:
-        output = Path(command[command.index("--output") + 1]).resolve()
+        output = Path(str(output_of(command))).resolve()
         return output.parent, None, [f"@{argument_file(output.parent, command)}"]
     _, run_dir, config = _resolve(args.config, args.overrides)
     return run_dir, config, None
@@ -168,12 +168,14 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _slurm_command(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
-    from launch.launchers import codegeex_command
+    from launch.launchers import codegeex_command, output_of
     from launch.slurm import command_script
 
     command = codegeex_command(job)
-    assert command is not None
-    output = Path(command[command.index("--output") + 1]).resolve()
+    if command is None:
+        raise ConfigError(f"codegeex launch slurm: {' '.join(job[:2])!r} is neither a training CONFIG nor a command "
+                          "that runs on many ranks")
+    output = Path(str(output_of(command))).resolve()
     run_dir = Path(args.run_dir).resolve() if args.run_dir else output.parent
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     text = command_script(opts, command=[f"@{argument_file(run_dir, command)}"], log_dir=run_dir / "logs",

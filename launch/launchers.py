@@ -136,9 +136,19 @@ def codegeex_command(job: list[str]) -> list[str] | None:
     if tuple(job[:2]) not in MULTI_RANK_COMMANDS:
         raise ConfigError(f"'{' '.join(job[:2])}' does not run on many ranks; a launcher runs a training CONFIG or "
                           + ", ".join(f"'-- {' '.join(c)} ...'" for c in MULTI_RANK_COMMANDS))
-    if "--output" not in job[:-1]:
+    if output_of(job) is None:
         raise ConfigError(f"'{' '.join(job[:2])}' needs --output (its run record goes beside it)")
     return job
+
+
+def output_of(command: list[str]) -> str | None:
+    """The value of a command's ``--output`` (``--output FILE`` or ``--output=FILE``), or None."""
+    for i, arg in enumerate(command):
+        if arg == "--output" and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 @dataclass

@@ -67,11 +67,11 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, u: Tensor) -> Tensor:
     if cfg.greedy:
         return logits.argmax(dim=-1)
     sorted_logits, order = torch.sort(logits / cfg.temperature, descending=True, dim=-1)  # (B, V)
+    if cfg.top_k > 0:  # top-p then applies to the top-k tokens' own softmax, as filter_logits (and HF, vLLM) do
+        sorted_logits[:, cfg.top_k:] = float("-inf")
     probs = torch.softmax(sorted_logits, dim=-1)
     cum = probs.cumsum(dim=-1)  # (B, V)
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if cfg.top_k > 0:
-        keep[:, cfg.top_k:] = False
+    keep = probs > 0  # never a masked token (top-k, vocab_limit), however close to 1 a draw is
     if cfg.top_p < 1.0:
         keep &= cum - probs < cfg.top_p  # the first token past the threshold stays
     kept = keep.sum(dim=-1, keepdim=True)  # (B, 1): a prefix of the sorted tokens
@@ -140,6 +140,51 @@ def _prepare(model: CodeGeeXModel, prompts: Sequence[Sequence[int]], steps: int,
     return tokens, positions, text, rows
 
 
+def _groups(lengths: list[int], most: int = 4) -> list[list[int]]:
+    """Places 0..n-1 split into at most ``most`` groups of similar ``lengths`` (sorted, consecutive): a prefill pads
+    each group only to its own longest prompt. One group for a small batch or equal lengths."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    if len(order) < 2 * most or lengths[order[0]] == lengths[order[-1]]:
+        return [order]
+    size = -(-len(order) // most)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _prefill(model: CodeGeeXModel, prompts: Sequence[Sequence[int]], modality: Sequence[Sequence[int]] | None,
+             tokens: Tensor, positions: Tensor, text: Tensor | None, rows: _Rows,
+             capacity: int) -> tuple[KVCache, Tensor]:
+    """The prompts (B, L) through the model into a new cache of ``capacity`` positions: (the cache, a row per prompt;
+    the last position's logits (B, 1, V/tp)). Identical prompts (the n samples of one task) are computed once and
+    their keys and values copied to each of their rows; the others go in groups of similar length, so that short
+    prompts are not padded to the longest."""
+    longest, device = tokens.shape[1], tokens.device
+    same = [(tuple(p), tuple(modality[i]) if modality is not None else ()) for i, p in enumerate(prompts)]
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    of_row = [first.setdefault(key, i) for i, key in enumerate(same)]  # each row's first row with its prompt
+    reps = sorted(set(of_row))
+    cache = model.new_cache(len(reps), capacity)
+    parts = []
+    for group in _groups([len(prompts[r]) for r in reps]):
+        span = max(len(prompts[reps[j]]) for j in group)
+        src = to_device(np.asarray([reps[j] for j in group], dtype=np.int64), device)  # (G,) rows of the batch
+        cols = slice(longest - span, longest)
+        cache.write_rows(to_device(np.asarray(group, dtype=np.int64), device), longest - span)
+        mask = MaskInfo(rows.segments[src, cols], None if rows.prefix is None else rows.prefix[src, cols])
+        logits, _ = model(tokens[src, cols], positions[src, cols], mask, cache,
+                          text=None if text is None else text[src, cols], last_only=True)  # (G, 1, V/tp)
+        parts.append((group, logits))
+    cache.write_rows(None, length=longest)
+    if len(reps) < len(prompts):  # cache row j holds prompt reps[j]: a row for every prompt of the batch
+        cache_row = {r: j for j, r in enumerate(reps)}
+        cache.keep(to_device(np.asarray([cache_row[r] for r in of_row], dtype=np.int64), device))
+    order = [reps[j] for group, _ in parts for j in group]  # the prompt of each row of the logits below
+    logits = torch.cat([lg for _, lg in parts]) if len(parts) > 1 else parts[0][1]  # (U, 1, V/tp)
+    if order == list(range(len(prompts))):
+        return cache, logits
+    place = {r: i for i, r in enumerate(order)}
+    return cache, logits[to_device(np.asarray([place[r] for r in of_row], dtype=np.int64), device)]  # (B, 1, V/tp)
+
+
 @torch.no_grad()
 def generate(
     model: CodeGeeXModel, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int, eod_id: int | None = None,
@@ -156,22 +201,31 @@ def generate(
     ``seeds``: one per prompt, the seed of its own sampling stream (default: ``cfg.seed`` and the prompt's place).
 
     The KV cache is allocated once for the longest prompt plus the steps; each step runs the model on one new token
-    per row and reads the chosen tokens back to the host once (the step's only host sync). Rows that finished leave
-    the batch once a quarter of it has finished, so the rest run on a smaller batch."""
+    per row and reads the chosen tokens back to the host once (the step's only host sync). Identical prompts are
+    prefilled once. Rows that finished leave the batch once a quarter of it has finished, so the rest run on a
+    smaller batch."""
     model.eval()
-    longest = max(len(p) for p in prompts)
-    steps = max(0, min(cfg.max_new_tokens, model.cfg.max_position_embeddings - longest + 1))
+    longest, max_pos = max(len(p) for p in prompts), model.cfg.max_position_embeddings
+    if longest > max_pos:
+        raise ValueError(f"a prompt of {longest} tokens does not fit the model's max_position_embeddings ({max_pos})")
+    limits = [max(0, min(cfg.max_new_tokens, max_pos - len(p) + 1)) for p in prompts]  # each row's own, batch-free
+    steps = max(limits)
     seeds = list(seeds) if seeds is not None else [cfg.seed * 1_000_003 + i for i in range(len(prompts))]
     tokens, positions, text, rows = _prepare(model, prompts, steps, pad_id, modality, prefix_lm, seeds)
-    cache = model.new_cache(len(prompts), longest + steps)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
+    if steps == 0:
+        return out
+    if interrupt is not None:
+        interrupt()
+    cache, logits = _prefill(model, prompts, modality, tokens, positions, text, rows, longest + steps)
     for step in range(steps):
-        if interrupt is not None:
-            interrupt()
-        tk = longest + step  # key positions once this step's are cached
-        mask = MaskInfo(rows.segments[:, :tk], None if rows.prefix is None else rows.prefix[:, :tk])
-        logits, _ = model(tokens, positions, mask, cache, text=text if step == 0 else None, last_only=True)
+        if step:
+            if interrupt is not None:
+                interrupt()
+            tk = longest + step  # key positions once this step's are cached
+            mask = MaskInfo(rows.segments[:, :tk], None if rows.prefix is None else rows.prefix[:, :tk])
+            logits, _ = model(tokens, positions, mask, cache, last_only=True)  # (B, 1, V/tp)
         last = _full_logits(model, logits[:, -1].float())  # (B, V)
         if vocab_limit is not None and vocab_limit < last.shape[-1]:
             last[:, vocab_limit:] = float("-inf")
@@ -184,11 +238,12 @@ def generate(
                 done[i] = True
                 continue
             out[i].append(t)
-            done[i] = stop is not None and stop(i, out[i])
+            done[i] = len(out[i]) >= limits[i] or (stop is not None and stop(i, out[i]))
         alive = [place for place, i in enumerate(rows.index) if not done[i]]
         if not alive:
             break
-        tokens, rows.positions = nxt[:, None], rows.positions + 1  # (B, 1) each: the token fed next, its position
+        # (B, 1) each: the token fed next and its position (a finished row's, until it leaves, kept in the table)
+        tokens, rows.positions = nxt[:, None], (rows.positions + 1).clamp(max=max_pos - 1)
         if len(alive) <= 3 * len(rows.index) // 4:
             tokens = rows.keep(alive, cache, tokens)
         positions = rows.positions

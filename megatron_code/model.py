@@ -49,10 +49,13 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.keys = torch.empty((layers, batch, heads, max_len, head_dim), dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
+        # zeroed: positions a grouped prefill leaves unwritten are masked, and 0 x NaN from stale memory would not be
+        self.keys = torch.zeros((layers, batch, heads, max_len, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
         self.length = 0  # positions filled, on the host
         self.pending = 0  # positions the current step writes
+        self.rows: Tensor | None = None  # a prefill in groups: the rows the next forward writes (see write_rows)
+        self.start = 0
 
     @property
     def capacity(self) -> int:
@@ -60,7 +63,13 @@ class KVCache:
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v (B, H, T, D) of the step's new positions -> every position's keys and values so far (B, H, Tk, D),
-        views into the buffer."""
+        views into the buffer. In a grouped prefill (:meth:`write_rows`), k, v (G, H, T, D) go to the group's rows
+        and are what the group attends to."""
+        if self.rows is not None:
+            end = self.start + k.shape[2]
+            self.keys[layer, self.rows, :, self.start:end] = k
+            self.values[layer, self.rows, :, self.start:end] = v
+            return k, v
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} positions cannot take {end}")
@@ -70,8 +79,17 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def advance(self) -> None:
-        self.length += self.pending
+        if self.rows is None:
+            self.length += self.pending
         self.pending = 0
+
+    def write_rows(self, rows: Tensor | None, start: int = 0, length: int = 0) -> None:
+        """The next forwards write batch rows ``rows`` (an index tensor) from position ``start`` on: a prefill in
+        groups of similar prompt lengths, each padded to its own longest. ``rows`` None ends it: ``length``
+        positions are then filled in every row."""
+        self.rows, self.start = rows, start
+        if rows is None:
+            self.length = length
 
     def keep(self, rows: Tensor) -> None:
         """Keep only batch rows ``rows`` (an index tensor on the cache's device): finished prompts leave the batch."""

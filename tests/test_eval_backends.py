@@ -129,3 +129,29 @@ def test_backend_errors_name_what_is_needed(tmp_path, caplog):
     assert "--backend native needs --checkpoint" in text
     assert "vllm" in text and ("has none" in text or "not installed" in text)
     assert not (tmp_path / "s.jsonl").exists()
+
+
+class LeadingSpaceTokenizer:
+    """Decodes as SentencePiece tokenizers (Llama's) do: a sequence's first piece loses its leading space."""
+
+    pieces = ["def", " f():", "\n", "   ", " return", " 1", "\n"]
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        ids, rest = [], text
+        while rest:
+            i = max((k for k, p in enumerate(self.pieces) if rest.startswith(p)), key=lambda k: len(self.pieces[k]))
+            ids.append(i)
+            rest = rest[len(self.pieces[i]):]
+        return {"input_ids": ids}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids).removeprefix(" ")
+
+
+def test_hf_completions_keep_the_first_lines_indentation():
+    from eval_harness.backends import TextTokenizer
+
+    text = TextTokenizer(LeadingSpaceTokenizer())
+    prompt, new = text.encode("def f():\n"), text.encode("    return 1\n")
+    assert text.decode(new) == "   return 1\n"  # alone: one space short, an IndentationError in Python
+    assert text.decode_after(prompt, new) == "    return 1\n"

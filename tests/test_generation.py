@@ -107,13 +107,14 @@ def test_sampling_draws_from_the_filtered_softmax():
 
 
 def test_a_prompts_sample_does_not_depend_on_its_batch_and_finished_rows_leave(model):
-    """Seeded per prompt: alone, or batched with others that stop early (so the batch shrinks mid-generation),
-    a prompt gets the same tokens; each step reads the device once."""
+    """Seeded per prompt: alone, or batched with others that stop early (so the batch shrinks mid-generation) and
+    with a copy of itself (prefilled once, sampled apart), a prompt gets the same tokens; each step reads the device
+    once."""
     from tests.device_audit import HostSyncCounter
 
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.2, top_p=0.95)
-    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9], [4, 4, 4, 4], [2, 3]]
-    seeds = [11, 22, 33, 44, 55]
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9], [4, 4, 4, 4], [2, 3], [5, 6, 7]]
+    seeds = [11, 22, 33, 44, 55, 66]
     alone = [generate(model, [p], cfg, pad_id=0, seeds=[s])[0] for p, s in zip(prompts, seeds, strict=True)]
 
     def stop(i: int, toks: list[int]) -> bool:  # rows 0, 2 and 3 stop after 2, 3 and 4 tokens
@@ -121,6 +122,43 @@ def test_a_prompts_sample_does_not_depend_on_its_batch_and_finished_rows_leave(m
 
     with HostSyncCounter() as counter:
         batched = generate(model, prompts, cfg, pad_id=0, seeds=seeds, stop=stop)
-    assert batched[1] == alone[1] and batched[4] == alone[4] and len(alone[1]) == 12
+    assert batched[1] == alone[1] and batched[4] == alone[4] and batched[5] == alone[5] and len(alone[1]) == 12
+    assert alone[5] != alone[0][:12]  # the copy drew its own sample
     assert [batched[i] for i in (0, 2, 3)] == [alone[0][:2], alone[2][:3], alone[3][:4]]
     assert counter.count == 12, counter.report()  # one per step, shrinking included
+
+
+def test_prefill_in_length_groups_equals_each_prompt_alone(model):
+    """Ten prompts of lengths 1 to 10 are prefilled in groups of similar length (each padded to its own longest)
+    and written into one cache: every prompt continues as it does alone, greedy and seeded."""
+    from megatron_code.generation import _groups
+
+    prompts = [[(3 * i + j) % 100 + 2 for j in range(i + 1)] for i in range(10)][::-1]
+    assert len(_groups([len(p) for p in prompts])) == 4
+    for cfg in (SamplingConfig(max_new_tokens=5, greedy=True), SamplingConfig(max_new_tokens=5, temperature=1.1)):
+        alone = [generate(model, [p], cfg, pad_id=0, seeds=[i])[0] for i, p in enumerate(prompts)]
+        assert generate(model, prompts, cfg, pad_id=0, seeds=list(range(10))) == alone
+
+
+def test_top_k_with_top_p_and_draws_next_to_one():
+    """top-p applies to the top-k tokens' own softmax (as filter_logits does), and a draw a hair below 1 never takes
+    a masked token."""
+    from megatron_code.generation import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert sample_next(logits, SamplingConfig(temperature=1.0, top_k=2, top_p=0.6), torch.tensor([0.9])).item() == 0
+    masked = torch.tensor([[1.0, 2.0, 0.5, float("-inf"), float("-inf")]])
+    for cfg in (SamplingConfig(temperature=1.0, top_p=1.0), SamplingConfig(temperature=1.0, top_p=0.99, top_k=4)):
+        assert sample_next(masked, cfg, torch.tensor([1 - 1e-9], dtype=torch.float64)).item() in (0, 1, 2)
+
+
+def test_each_prompt_has_its_own_room_before_the_position_limit(model):
+    """A short prompt next to one near max_position_embeddings gets as many tokens as alone; the long one stops at
+    the table's end."""
+    cfg = SamplingConfig(max_new_tokens=8, greedy=True)
+    limit = model.cfg.max_position_embeddings
+    near = list(range(2, 2 + limit - 3))  # room for 4 new tokens
+    both = generate(model, [near, [5, 6]], cfg, pad_id=0)
+    assert len(both[0]) == 4 and both[1] == generate(model, [[5, 6]], cfg, pad_id=0)[0] and len(both[1]) == 8
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [list(range(limit + 1))], cfg, pad_id=0)

@@ -210,3 +210,26 @@ def test_the_acceptance_script_runs_its_cpu_smoke(tmp_path):
     checks = json.loads(report.read_text())["checks"]
     assert [(c["name"], c["status"]) for c in checks] == list(zip(names, ["PASS", "PASS", "PASS", "skipped"],
                                                                       strict=True))
+
+
+@pytest.mark.gpu
+def test_eval_generate_loads_onto_the_gpu_in_bf16(gpu_run, tokenizer_model):
+    """`eval generate`'s native backend on a GPU: the checkpoint on this rank's device in bfloat16 (dtype auto);
+    greedy completions do not depend on the batch's seeds, and every one is cut by its stop rule."""
+    from eval_harness.backends import NativeGenerator
+    from eval_harness.gen_config import GenerateConfig
+    from eval_harness.generate import make_tasks
+    from eval_harness.stops import truncate
+    from tests.conftest import shared_path
+
+    run, settings = gpu_run["run"], gpu_run["settings"]
+    model_dir = acceptance.step_dir(run["straight"], settings.train_steps) / "model"
+    cfg = GenerateConfig(data=str(shared_path("humaneval-x")), languages="python,cpp", problems=2, greedy=True,
+                         max_new_tokens=16, tokenizer=tokenizer_model)
+    tasks, problems = make_tasks(cfg)
+    gen = NativeGenerator(cfg, model_dir, problems)
+    p = next(gen.model.parameters())
+    assert p.device.type == "cuda" and p.dtype == torch.bfloat16
+    first = gen.complete(tasks, list(range(len(tasks))), None)
+    assert first == gen.complete(tasks, [7] * len(tasks), None)
+    assert all(truncate(t.language, t.prompt, c)[0] == c for t, c in zip(tasks, first, strict=True))
