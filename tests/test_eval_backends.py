@@ -155,3 +155,15 @@ def test_hf_completions_keep_the_first_lines_indentation():
     prompt, new = text.encode("def f():\n"), text.encode("    return 1\n")
     assert text.decode(new) == "   return 1\n"  # alone: one space short, an IndentationError in Python
     assert text.decode_after(prompt, new) == "    return 1\n"
+
+
+def test_slurm_runs_eval_generate_on_every_rank_through_an_argument_file(tmp_path, capsys):
+    out = tmp_path / "gen" / "s.jsonl"
+    argv = ["launch", "slurm", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--", "eval", "generate",
+            "--checkpoint", "RUN", "--tp", "2", "--n", "20", f"--output={out}"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    assert "--nnodes 2 --nproc-per-node 8" in script and "-m launch.cli @" in script
+    files = list((tmp_path / "gen" / "launch").glob("command-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == argv[8:]
+    assert main(["launch", "slurm", "--dry-run", "--", "eval", "execute", "x", "--output", "y"]) == 2
