@@ -12,6 +12,7 @@ its tables of configuration keys.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -119,7 +120,8 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     unknown = sorted(set(values) - set(types_))
     if unknown:
         label = f"section '{where}'" if where else "the top level"
-        raise ConfigError(f"unknown key(s) {unknown} in {label}; valid keys: {', '.join(sorted(types_))}")
+        raise ConfigError(f"unknown key(s) {unknown} in {label}{_did_you_mean(unknown, types_)}; valid keys: "
+                          f"{', '.join(sorted(types_))}")
     required = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.init]
     missing = [name for name in required if name not in values]
@@ -139,6 +141,45 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
         except ValueError as exc:  # validators raise ValueError naming the field and value
             raise ConfigError(str(exc)) from None
     return obj
+
+
+def _did_you_mean(unknown: list[str], valid: Iterable[str]) -> str:
+    """`` (did you mean 'lr'?)`` for the first unknown key close to a valid one, else ''."""
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
+def check_override(cls: type, text: str) -> None:
+    """An override's key names real keys of ``cls``, section by section; the error names the override, the
+    section and the closest key. Paths into a mapping or list value are left to the value checks."""
+    path, _ = parse_override(text)
+    tp: Any = cls
+    for depth, part in enumerate(path):
+        if not _is_dataclass_type(tp):
+            return
+        types_ = _field_types(tp)
+        if part not in types_:
+            section = f"section '{'.'.join(path[:depth])}'" if depth else "the top level"
+            raise ConfigError(f"override {text!r}: unknown key {part!r} in {section}"
+                              f"{_did_you_mean([part], types_)}; valid keys: {', '.join(sorted(types_))}")
+        tp = types_[part]
+        if get_origin(tp) in (Union, types.UnionType):  # Optional[Section]: the section
+            args = [a for a in get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else None
+
+
+def _read_yaml(p: Path) -> Any:
+    """A YAML file's content; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -182,16 +223,15 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        loaded = _read_yaml(p)
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+            raise ConfigError(f"config file {p} must hold a mapping of keys at the top level, not a "
+                              f"{type(loaded).__name__}")
         tree = loaded
     for key, value in (values or {}).items():
         _merge(tree, key.split("."), value)
     for text in overrides:
+        check_override(cls, text)  # a misspelt override is named as such, not blamed on the file
         keys, value = parse_override(text)
         _merge(tree, keys, value)
     try:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from common.config import to_dict
 from common.devices import peak_tflops_for_cuda_name
+from common.io import write_text_atomic
 from common.logs import progress
 from common.revision import git_revision
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
@@ -58,16 +59,42 @@ from megatron_code.train_config import TrainConfig, resolve_precision
 log = logging.getLogger("codegeex.train")
 
 
-class Metrics:
-    """Rank 0 writes JSONL (always) and TensorBoard (if enabled) under the run directory."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the lines of ``path`` for steps up to ``step`` (the resumed checkpoint's), so that a crash and a
+    resume leave one line per step; a torn or unreadable line is dropped too. Returns the lines dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step
+        except ValueError:
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
 
-    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+
+class Metrics:
+    """Rank 0 writes JSONL (always) and TensorBoard (if enabled) under the run directory; on resume the lines past
+    the resumed step (a crashed run's) are cut first, so the file holds one line per step."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, start: int = 0) -> None:
         self.enabled = rank == 0
         self.tb: Any = None
         if not self.enabled:
             return
         run = Path(cfg.run_dir)
         run.mkdir(parents=True, exist_ok=True)
+        dropped = truncate_metrics(run / "metrics.jsonl", start)
+        if dropped:
+            log.info("metrics.jsonl: %d line(s) after step %d (a run that did not reach a checkpoint) removed",
+                     dropped, start)
         self.jsonl = open(run / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run)
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -296,7 +323,7 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     device = pc.device
     accumulation = cfg.accumulation(pc.dp_size)
     start, skipped_total = resume_point(cfg, engine, sampler)
-    metrics = Metrics(cfg, pc.rank)
+    metrics = Metrics(cfg, pc.rank, start)
     stop = StopSignal()
     if pc.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

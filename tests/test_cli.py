@@ -20,7 +20,8 @@ def test_help_lists_the_data_group():
 def test_config_errors_exit_2_naming_the_key(tmp_path, caplog, tokenizer_model):
     args = ["data", "build", "--input", str(tmp_path), "--tokenizer", tokenizer_model, "--output", str(tmp_path / "o")]
     assert main([*args, "pack.sq_len=3"]) == 2
-    assert "unknown key(s) ['sq_len'] in section 'pack'; valid keys: mode, open_windows, seq_len, shard_mb" in caplog.text
+    assert ("override 'pack.sq_len=3': unknown key 'sq_len' in section 'pack' (did you mean 'seq_len'?); valid keys: "
+            "mode, open_windows, seq_len, shard_mb") in caplog.text
     assert main([*args, "--seq-len", "4"]) == 2
     assert "pack.seq_len (4) must be at least 8" in caplog.text
     assert main(["data", "build", "--input", str(tmp_path / "missing"), "--tokenizer", tokenizer_model,

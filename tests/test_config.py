@@ -45,11 +45,23 @@ def test_yaml_then_values_then_overrides(tmp_path):
 
 
 def test_unknown_keys_are_rejected_with_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['sise'\] in section 'inner'; valid keys: mode, rate, size"):
-        load_config(Outer, overrides=["inner.sise=3"])
     f = tmp_path / "bad.yaml"
     f.write_text("nmae: y\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) \['nmae'\] in the top level; valid keys: flag, inner"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) \['nmae'\] in the top level \(did you mean "
+                                          r"'name'\?\); valid keys: flag, inner"):
+        load_config(Outer, f)
+    f.write_text("name: y\n")  # the file is fine: a misspelt override is named, not blamed on the file
+    with pytest.raises(ConfigError, match=r"^override 'inner.sise=3': unknown key 'sise' in section 'inner' \(did you "
+                                          r"mean 'size'\?\); valid keys: mode, rate, size$"):
+        load_config(Outer, f, overrides=["inner.sise=3"])
+    with pytest.raises(ConfigError, match=r"^override 'flg=1': unknown key 'flg' in the top level \(did you mean"):
+        load_config(Outer, overrides=["flg=1"])
+
+
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("name: x\ninner:\n  size: 3\n rate: [1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:4:2: not valid YAML: "):
         load_config(Outer, f)
 
 
@@ -71,7 +83,7 @@ def test_missing_file_and_non_mapping(tmp_path):
         load_config(Outer, tmp_path / "nope.yaml")
     f = tmp_path / "list.yaml"
     f.write_text("- 1\n")
-    with pytest.raises(ConfigError, match="must hold a mapping"):
+    with pytest.raises(ConfigError, match="must hold a mapping of keys at the top level, not a list"):
         load_config(Outer, f)
 
 
