@@ -57,9 +57,21 @@ def expand_argument_file(argv: Sequence[str]) -> list[str]:
     return values
 
 
+def parse_anywhere(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with flags anywhere on the line: ``key=value`` overrides after a flag (which argparse leaves over once
+    the positional list has ended) join the command's overrides; anything else left over is an error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and isinstance(args.overrides, list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(expand_argument_file(sys.argv[1:] if argv is None else argv))
+    args = parse_anywhere(parser, expand_argument_file(sys.argv[1:] if argv is None else argv))
     setup_logging(args.log_level)
     if args.group == "train":
         # a rank started by hand (`torchrun -m launch.cli train ...`, not `codegeex launch`) gets what the launchers

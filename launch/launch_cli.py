@@ -47,6 +47,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                        description="codegeex launch slurm CONFIG [key=value ...] | --array N -- data build ... | "
                                    "-- eval generate ...")
     p.add_argument("job", nargs=argparse.REMAINDER, help="CONFIG [key=value ...], or with --array: -- data build ...")
+    _slurm_flags(p)
+    p.set_defaults(func=cmd_slurm)
+
+
+def _slurm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks")
     p.add_argument("--nproc-per-node", type=int, default=0, help="ranks per node (default: GPUs per node, or 1)")
@@ -61,7 +66,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--array", type=int, default=0, metavar="N", help="data build in N array tasks, then the merge")
     p.add_argument("--run-dir", default="", help="where scripts and logs go (default: the config's run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the script(s); submit nothing")
-    p.set_defaults(func=cmd_slurm)
 
 
 def _job(p: argparse.ArgumentParser) -> None:
@@ -149,10 +153,34 @@ def cmd_deepspeed(args: argparse.Namespace) -> int:
     return _start(run_dir, "deepspeed", cmd, env, args.dry_run)
 
 
+def _flags_after_config(args: argparse.Namespace) -> list[str]:
+    """``launch slurm CONFIG --nodes 4 ... key=value``: the SLURM flags that follow CONFIG are read into ``args``
+    (as if written before it); returns CONFIG and its overrides. After ``--`` nothing is read: it is the command."""
+    job = list(args.job)
+    if "--" in job:
+        job, rest = job[:job.index("--")], job[job.index("--"):]
+    else:
+        rest = []
+    flags = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _slurm_flags(flags)
+    try:
+        parsed, positional = flags.parse_known_args(job)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"codegeex launch slurm: {exc}") from None
+    unknown = [a for a in positional if a.startswith("-")]
+    if unknown:
+        raise ConfigError(f"codegeex launch slurm: unknown option(s) {' '.join(unknown)}")
+    defaults = vars(flags.parse_args([]))
+    for key, value in vars(parsed).items():
+        if value != defaults[key]:
+            setattr(args, key, value)
+    return positional + rest
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from launch.slurm import SlurmOptions
 
-    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    job = args.job[1:] if args.job[:1] == ["--"] else _flags_after_config(args)
     if not job:
         raise ConfigError("codegeex launch slurm needs CONFIG (training) or, with --array N, '-- data build ...'")
     opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,

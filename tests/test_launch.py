@@ -83,6 +83,25 @@ def test_slurm_dry_run_renders_multi_node_chain_and_array(store, tmp_path, capsy
             cmd_slurm(build_parser().parse_args(["launch", "slurm", "--dry-run", *argv]))
 
 
+def test_flags_anywhere_on_the_line(store, tmp_path, capsys):
+    """The README's order (CONFIG first, SLURM flags after it) and overrides after flags, as argparse alone refuses
+    them; an unknown flag is still an error."""
+    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    assert main(["launch", "slurm", cfg, "--nodes", "4", "--gpus-per-node", "8", "--time", "2-00:00:00", "--dry-run",
+                 "optim.lr=2e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=4" in out and "#SBATCH --time=2-00:00:00" in out and "submitted" not in out
+    assert "lr: 0.0002" in (tmp_path / "run" / "launch" / "config.yaml").read_text()
+    local = tmp_path / "local"
+    assert main(["launch", "local", cfg, f"run_dir={local}", "--nproc", "2", "--dry-run", "optim.lr=3e-4"]) == 0
+    assert "--nproc-per-node 2" in capsys.readouterr().out
+    assert "lr: 0.0003" in (local / "launch" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="unknown option"):
+        cmd_slurm(build_parser().parse_args(["launch", "slurm", cfg, "--nodez", "2"]))
+    with pytest.raises(SystemExit):
+        main(["launch", "local", cfg, "--nproc", "2", "--bogus"])
+
+
 GPU_VARIABLES = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
                  "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 ENV_EXTENSIONS = str(Path(sys.prefix) / "torch_extensions")
