@@ -66,6 +66,10 @@ def _slurm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--array", type=int, default=0, metavar="N", help="data build in N array tasks, then the merge")
     p.add_argument("--run-dir", default="", help="where scripts and logs go (default: the config's run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the script(s); submit nothing")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                   help="any sbatch option, as one word, repeatable: --sbatch-arg=--qos=high --sbatch-arg=--exclusive")
+    p.add_argument("--container-image", default="", help="pyxis/enroot image for every step (srun --container-image)")
+    p.add_argument("--container-mounts", default="", help="pyxis/enroot mounts, SRC:DST[,...]")
 
 
 def _job(p: argparse.ArgumentParser) -> None:
@@ -186,7 +190,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
                         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                         account=args.account, job_name=args.job_name, signal_seconds=args.signal_seconds,
-                        max_restarts=args.max_restarts)
+                        max_restarts=args.max_restarts, sbatch_args=list(args.sbatch_arg),
+                        container_image=args.container_image, container_mounts=args.container_mounts)
     opts.validate()
     if args.array:
         return _slurm_array(args, opts, job)
@@ -243,8 +248,8 @@ def _slurm_training(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    text = training_script(opts, config=config, run_dir=Path(cfg.run_dir).resolve(), python=sys.executable,
-                           workdir=Path.cwd())
+    text = training_script(opts, config=config, run_dir=Path(cfg.run_dir).resolve(), log_dir=run_dir / "logs",
+                           python=sys.executable, workdir=Path.cwd())
     if args.chain < 1:
         raise ConfigError(f"--chain ({args.chain}) must be at least 1")
     # the follow-ups start after the previous job ends however it ended, and resume (or exit at once if completed)
@@ -267,6 +272,9 @@ def _slurm_array(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
     base = [sys.executable, "-m", "launch.cli"]
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    workers = job[job.index("--workers") + 1] if "--workers" in job[:-1] else ""
+    if not opts.cpus_per_task and workers.isdigit():  # each array task's build runs --workers processes
+        opts.cpus_per_task = int(workers)
     parts = array_script(opts, tasks=args.array, command=base + job, log_dir=logs, workdir=Path.cwd())
     opts.job_name = f"{opts.job_name}-merge"
     merge = single_script(opts, command=base + ["data", "merge", str(output)], log_dir=logs, workdir=Path.cwd())

@@ -38,6 +38,9 @@ class SlurmOptions:
     max_restarts: int = 0
     rdzv_port: int = 29400
     env: dict[str, str] = field(default_factory=dict)
+    sbatch_args: list[str] = field(default_factory=list)  # passed through as `#SBATCH ARG` lines (--qos=high, ...)
+    container_image: str = ""  # pyxis/enroot: srun --container-image
+    container_mounts: str = ""  # pyxis/enroot: srun --container-mounts (SRC:DST[,...])
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -47,6 +50,17 @@ class SlurmOptions:
                               "must not be negative")
         if self.time and not TIME.match(self.time):
             raise ConfigError(f"--time {self.time!r} must be MINUTES, HH:MM:SS or D-HH:MM:SS")
+        for arg in self.sbatch_args:
+            if not arg.startswith("-") or "\n" in arg:
+                raise ConfigError(f"--sbatch-arg {arg!r} must be one sbatch option, e.g. --qos=high or --exclusive")
+        if self.container_mounts and not self.container_image:
+            raise ConfigError("--container-mounts needs --container-image")
+
+    def srun(self) -> str:
+        """``srun`` with the container flags, when there is a container."""
+        flags = [f"--container-image={shlex.quote(self.container_image)}"] if self.container_image else []
+        flags += [f"--container-mounts={shlex.quote(self.container_mounts)}"] if self.container_mounts else []
+        return " ".join(["srun", *flags])
 
     @property
     def ranks_per_node(self) -> int:
@@ -63,7 +77,7 @@ def _header(opts: SlurmOptions, log_dir: Path, extra: list[str]) -> list[str]:
     for flag, value in (("partition", opts.partition), ("time", opts.time), ("account", opts.account)):
         if value:
             lines.append(f"#SBATCH --{flag}={value}")
-    return lines + [f"#SBATCH {e}" for e in extra]
+    return lines + [f"#SBATCH {e}" for e in extra] + [f"#SBATCH {a}" for a in opts.sbatch_args]
 
 
 def _environment(opts: SlurmOptions) -> list[str]:
@@ -79,8 +93,10 @@ def _environment(opts: SlurmOptions) -> list[str]:
     return [f"export {k}={v}" for k, v in env.items()]
 
 
-def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: str, workdir: Path) -> str:
-    """One torchrun per node, rendezvous on the allocation's first node; requeue when stopped by a signal."""
+def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: str, workdir: Path,
+                    log_dir: Path | None = None) -> str:
+    """One torchrun per node, rendezvous on the allocation's first node; requeue when stopped by a signal. Logs go
+    to ``log_dir`` (default RUN_DIR/logs)."""
     opts.validate()
     extra = [f"--signal=USR1@{opts.signal_seconds}"] + (["--requeue"] if opts.requeue else [])
     torchrun = [python, "-m", "torch.distributed.run", "--nnodes", str(opts.nodes),
@@ -98,7 +114,7 @@ def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: 
         'rendezvous $RDZV_HOST:$RDZV_PORT"',
         'if grep -qs \'"state": "completed"\' "$STATUS"; then echo "codegeex: already completed"; exit 0; fi',
         # SIGUSR1 ignored by the agent (inherited through exec), handled by the trainer
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "
+        f"{opts.srun()} --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "
         + shlex.quote('trap "" USR1; exec ' + " ".join(torchrun)),
         "rc=$?",
         'if grep -qs \'"state": "stopped"\' "$STATUS"; then',
@@ -108,7 +124,7 @@ def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: 
         'echo "codegeex: torchrun exited $rc"',
         "exit $rc",
     ]
-    return "\n".join(_header(opts, run_dir / "logs", extra) + [""] + body) + "\n"
+    return "\n".join(_header(opts, log_dir or run_dir / "logs", extra) + [""] + body) + "\n"
 
 
 def command_script(opts: SlurmOptions, *, command: list[str], log_dir: Path, python: str, workdir: Path) -> str:
@@ -123,8 +139,13 @@ def command_script(opts: SlurmOptions, *, command: list[str], log_dir: Path, pyt
     body = ["set -uo pipefail", f"cd {shlex.quote(str(workdir))}", *_environment(opts),
             "RDZV_HOST=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
             f"RDZV_PORT=$(( {opts.rdzv_port} + SLURM_JOB_ID % 1000 ))", "export RDZV_HOST RDZV_PORT",
-            "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c " + shlex.quote("exec " + " ".join(torchrun))]
+            f"{opts.srun()} --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c " + shlex.quote("exec " + " ".join(torchrun))]
     return "\n".join(_header(opts, log_dir, extra) + [""] + body) + "\n"
+
+
+def _in_container(opts: SlurmOptions) -> str:
+    """The prefix that runs a one-task step in the container (``srun --container-image ...``), or ''."""
+    return f"{opts.srun()} --ntasks=1 " if opts.container_image else ""
 
 
 def array_script(opts: SlurmOptions, *, tasks: int, command: list[str], log_dir: Path, workdir: Path) -> str:
@@ -133,13 +154,13 @@ def array_script(opts: SlurmOptions, *, tasks: int, command: list[str], log_dir:
     shard = " ".join(shlex.quote(c) for c in command)
     body = ["set -euo pipefail", f"cd {shlex.quote(str(workdir))}", *_environment(opts),
             'echo "codegeex: part $SLURM_ARRAY_TASK_ID of ' + str(tasks) + '"',
-            f"{shard} --num-shards {tasks} --shard-index $SLURM_ARRAY_TASK_ID"]
+            f"{_in_container(opts)}{shard} --num-shards {tasks} --shard-index $SLURM_ARRAY_TASK_ID"]
     return "\n".join(_header(opts, log_dir, [f"--array=0-{tasks - 1}"]) + [""] + body) + "\n"
 
 
 def single_script(opts: SlurmOptions, *, command: list[str], log_dir: Path, workdir: Path) -> str:
     body = ["set -euo pipefail", f"cd {shlex.quote(str(workdir))}", *_environment(opts),
-            " ".join(shlex.quote(c) for c in command)]
+            _in_container(opts) + " ".join(shlex.quote(c) for c in command)]
     return "\n".join(_header(opts, log_dir, []) + [""] + body) + "\n"
 
 

@@ -102,6 +102,27 @@ def test_flags_anywhere_on_the_line(store, tmp_path, capsys):
         main(["launch", "local", cfg, "--nproc", "2", "--bogus"])
 
 
+def test_slurm_logs_cpus_sbatch_options_and_containers(store, tmp_path, capsys):
+    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    elsewhere = tmp_path / "ops"
+    assert main(["launch", "slurm", cfg, "--dry-run", "--run-dir", str(elsewhere), "--sbatch-arg=--qos=high",
+                 "--sbatch-arg=--exclusive", "--sbatch-arg=--mem=0", "--container-image", "nvcr.io/nvidia/pytorch:25.01",
+                 "--container-mounts", "/data:/data"]) == 0
+    out = capsys.readouterr().out
+    assert f"#SBATCH --output={elsewhere}/logs/%x-%j.out" in out and (elsewhere / "logs").is_dir()
+    for line in ("#SBATCH --qos=high", "#SBATCH --exclusive", "#SBATCH --mem=0",
+                 "srun --container-image=nvcr.io/nvidia/pytorch:25.01 --container-mounts=/data:/data --kill-on-bad-exit"):
+        assert line in out, line
+    assert main(["launch", "slurm", "--dry-run", "--array", "4", "--", "data", "build", "--input", "x", "--workers",
+                 "32", "--output", str(tmp_path / "st")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --cpus-per-task=32") == 2  # the parts and the merge
+    for argv, error in ((["--sbatch-arg", "qos=high", cfg], "must be one sbatch option"),
+                        (["--container-mounts", "/a:/b", cfg], "needs --container-image")):
+        with pytest.raises(ConfigError, match=error):
+            cmd_slurm(build_parser().parse_args(["launch", "slurm", "--dry-run", *argv]))
+
+
 GPU_VARIABLES = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
                  "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 ENV_EXTENSIONS = str(Path(sys.prefix) / "torch_extensions")
