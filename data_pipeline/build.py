@@ -25,6 +25,7 @@ from common.config import to_dict
 from common.contracts import MANIFEST, StoreError, StoreManifest, load_store_manifest, write_manifest
 from common.io import write_json_atomic
 from common.logs import progress
+from data_pipeline.build_guard import build_lock, check_output
 from data_pipeline.config import BuildConfig
 from data_pipeline.decontam import ContaminationIndex
 from data_pipeline.dedup import MinHasher, content_hash
@@ -191,12 +192,20 @@ def up_to_date(cfg: BuildConfig) -> StoreManifest | None:
     return manifest if manifest.identity == identity and same_pack else None
 
 
-def run_build(cfg: BuildConfig, command: list[str]) -> StoreManifest | None:
-    """The whole build (or, with several shards, this machine's part of phase A). Returns the manifest."""
-    done = up_to_date(cfg)
-    if done is not None:
-        log.info("store %s is up to date (%d windows); nothing to do", cfg.output, done.total_windows)
-        return done
+def run_build(cfg: BuildConfig, command: list[str], force: bool = False) -> StoreManifest | None:
+    """The whole build (or, with several shards, this machine's part of phase A), holding the output's build lock.
+    Returns the manifest. An output holding anything else than this build's store is refused unless ``force``
+    (:mod:`data_pipeline.build_guard`)."""
+    with build_lock(Path(cfg.output), cfg.num_shards, cfg.shard_index):
+        done = up_to_date(cfg)
+        if done is not None:
+            log.info("store %s is up to date (%d windows); nothing to do", cfg.output, done.total_windows)
+            return done
+        check_output(Path(cfg.output), force)
+        return _build(cfg, command)
+
+
+def _build(cfg: BuildConfig, command: list[str]) -> StoreManifest | None:
     work, units, state = prepare(cfg)
     log.info("%d work unit(s) from %d input(s); enumeration skipped %s", len(units), len(cfg.inputs),
              state["enumeration_skips"] or "nothing")
@@ -218,6 +227,10 @@ def merge(cfg: BuildConfig, command: list[str]) -> StoreManifest:
         raise ValueError(f"{out}: {len(missing)} unit(s) not spooled yet (first: {missing[:5]}); "
                          "run the remaining parts of `codegeex data build` first")
     manifest = merge_spools(cfg, work, state, progress)
+    if manifest.total_windows == 0:
+        skips = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skips.items())) or "no input file was found"
+        raise ValueError(f"{out}: nothing was accepted, so no store was written ({manifest.total_documents} "
+                         f"documents kept; skipped: {skips}); check --input and the filters")
     manifest.command = command
     manifest.config = to_dict(cfg)
     write_manifest(out, manifest)

@@ -30,6 +30,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="worker processes")
     p.add_argument("--num-shards", type=int, help="split phase A across this many machines")
     p.add_argument("--shard-index", type=int, help="this machine's part")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output folder that holds another store or files that are not a store's")
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -67,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                  "seq_len": "pack.seq_len", "workers": "workers", "num_shards": "num_shards",
                                  "shard_index": "shard_index"})
     cfg = load_config(BuildConfig, args.config, args.overrides, values)
-    run_build(cfg, ["codegeex", *sys.argv[1:]])
+    run_build(cfg, ["codegeex", *sys.argv[1:]], force=args.force)
     return 0
 
 
@@ -78,8 +80,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     saved = Path(args.output) / WORK / "config.json"
     if not saved.is_file():
         raise FileNotFoundError(f"{saved} does not exist: no `codegeex data build` has written to {args.output}")
+    from data_pipeline.build_guard import build_lock
+
     cfg = load_config(BuildConfig, values=json.loads(saved.read_text()))
-    merge(cfg, ["codegeex", *sys.argv[1:]])
+    with build_lock(Path(args.output)):
+        merge(cfg, ["codegeex", *sys.argv[1:]])
     return 0
 
 

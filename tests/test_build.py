@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,10 +27,10 @@ from tests.conftest import shared_path
 from tests.test_contracts import write_raw
 
 
-def build(inputs, tokenizer, out, *overrides, **values):
+def build(inputs, tokenizer, out, *overrides, force=False, **values):
     cfg = load_config(BuildConfig, overrides=overrides,
                       values={"inputs": inputs, "tokenizer": tokenizer, "output": str(out), "pack.seq_len": 64, **values})
-    return run_build(cfg, ["test"])
+    return run_build(cfg, ["test"], force=force)
 
 
 def shard_bytes(out: Path) -> list[bytes]:
@@ -85,12 +86,15 @@ def test_shards_are_byte_identical_whatever_the_parallelism(store, corpus, token
     assert shard_bytes(tmp_path / "parts") == reference
 
 
-def test_store_of_a_version_this_code_does_not_read_is_built_again(store, corpus, tokenizer_model, tmp_path, caplog):
+def test_store_of_a_version_this_code_does_not_read_is_refused_then_built_again(store, corpus, tokenizer_model,
+                                                                               tmp_path, caplog):
     out = tmp_path / "s"
     shutil.copytree(store[0], out)
     write_raw(out, {**manifest_to_json(store[1]), "schema_version": 99})  # as a newer release would write it
+    with pytest.raises(ValueError, match="holds a manifest.json that is not a store's .*schema_version 99.*--force"):
+        build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
     with caplog.at_level("WARNING"):
-        again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
+        again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005", force=True)
     assert "schema_version 99 is not one this code reads" in caplog.text and "building the store again" in caplog.text
     assert again.schema_version == 2 and shard_bytes(out) == shard_bytes(store[0])
 
@@ -103,6 +107,36 @@ def test_finished_store_is_reused_and_spools_removed(store, corpus, tokenizer_mo
         again = build(corpus[0], tokenizer_model, out, "pack.shard_mb=0.005")
     assert "is up to date" in caplog.text and again.total_windows == m.total_windows
     assert [f.stat().st_mtime_ns for f in sorted((out / "shards").glob("*.arrow"))] == before
+
+
+def test_an_output_holding_something_else_is_refused_and_builds_do_not_race(store, corpus, tokenizer_model, tmp_path):
+    """Another finished store, a user's files or manifest.json: refused, naming them, and left as they are;
+    --force replaces them. A second build of the same output stops at once, naming the first; nothing accepted is an
+    error, not an empty store."""
+    from data_pipeline.build_guard import build_lock
+
+    other = tmp_path / "other"
+    shutil.copytree(store[0], other)
+    with pytest.raises(ValueError, match="a finished store of other inputs or settings"):
+        build(corpus[0], tokenizer_model, other, "pack.shard_mb=0.005", "dedup.threshold=0.8")
+    assert (other / "manifest.json").read_bytes() == (store[0] / "manifest.json").read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"my": "notes"}')
+    (mine / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match=r"files that are not a store's \(thesis.tex\) and a manifest.json"):
+        build(corpus[0], tokenizer_model, mine)
+    assert (mine / "thesis.tex").read_text() == "x" and json.loads((mine / "manifest.json").read_text())
+    with build_lock(tmp_path / "busy"), pytest.raises(ValueError, match=r"being built by another .*\"pid\": "):
+        build(corpus[0], tokenizer_model, tmp_path / "busy")
+    empty = tmp_path / "empty-input"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not code\n")
+    with pytest.raises(ValueError, match="nothing was accepted, so no store was written"):
+        build([str(empty)], tokenizer_model, tmp_path / "nothing")
+    assert not (tmp_path / "nothing" / "manifest.json").exists()
+    again = build(corpus[0], tokenizer_model, mine, "pack.shard_mb=0.005", force=True)
+    assert again.total_windows == store[1].total_windows and not (mine / "thesis.tex").exists()
 
 
 def test_resuming_with_other_settings_is_refused(store, corpus, tokenizer_model, tmp_path):
