@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.io import write_json_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(Path(args.json), result)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0
 

@@ -13,7 +13,6 @@ Tokens/s counts generated tokens only; the prompts' prefill is inside the timing
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from common.io import write_json_atomic
 
 
 def prompts(batch: int, vocab: int, seed: int, lengths: tuple[int, int], same: bool = False) -> list[list[int]]:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(Path(args.json), result)
     t = result["tokens_per_s"]
     sys.stdout.write(f"{args.preset} batch {args.batch} x {args.new_tokens} new tokens "
                      f"({'greedy' if args.greedy else 'sampled'}{', one prompt' if args.same_prompt else ''}): native {t['native']:.1f} tok/s, HF generate "

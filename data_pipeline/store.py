@@ -20,7 +20,6 @@ are verified when a store is opened; a truncated or corrupt shard is reported by
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from common.contracts import MANIFEST, ShardEntry, StoreError, load_store_manifest
+from common.io import file_sha256
 from data_pipeline.packing import Window
 
 
@@ -42,14 +42,6 @@ def shard_schema(window: int, token_dtype: np.dtype, with_modality: bool) -> pa.
     if with_modality:
         fields.append(pa.field("modality", pa.list_(pa.uint8(), window)))
     return pa.schema(fields)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:

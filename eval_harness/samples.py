@@ -30,7 +30,6 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -292,6 +291,3 @@ class ResultWriter:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-
-def iter_pending(samples: list[dict[str, Any]], done: set[tuple[str, int]]) -> Iterator[dict[str, Any]]:
-    return (s for s in samples if result_id(s) not in done)
