@@ -16,6 +16,7 @@ setup(
         "jinja2>=3.1",
         "tqdm>=4.60",
         "pyarrow>=15",
+        "xxhash>=3.4",  # checkpoint file digests (common/integrity.py)
         "sentencepiece>=0.2",
         "tree-sitter>=0.23",
         "tree-sitter-python",
@@ -41,7 +42,8 @@ setup(
     ],
     extras_require={
         # The trainer's stack; pinned to the releases that run on this project's machines.
-        "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8", "safetensors>=0.4", "tensorboard", "psutil"],
+        "train": ["torch==2.13.0", "megatron-core==0.16.1", "deepspeed==0.19.8", "safetensors>=0.4", "tensorboard", "psutil",
+                  "wandb>=0.31"],  # log.wandb (offline mode needs no network; tests/test_observe.py reads its files)
         # `codegeex eval generate --backend hf` (and the native-vs-transformers benchmark); vLLM is left to GPU machines
         "hf": ["transformers>=4.56,<6"],
         "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.17", "types-PyYAML", "types-tqdm"],

@@ -6,13 +6,17 @@ wrong field is reported naming the file and the field (``STORE/manifest.json: to
 integer, got 'x'``); a format version this code does not read is refused by name, and older versions that it can
 read are upgraded on load.
 
+A training checkpoint (``ROOT/step-N/``) also lists every one of its files in ``files.json``
+(:class:`CheckpointFiles`, read by :func:`load_checkpoint_files`).
+
 Store manifest versions:
     1  the pair layout (order, whitespace markers) only inside the build's own ``config.extract``;
-    2  (current) a ``pairs`` section of its own, None for stores without text-to-code pairs.
+    2  (current) a ``pairs`` section of its own, None for stores without text-to-code pairs. Stores built since
+       corrupt inputs are named also list them (``corrupt_inputs``); in older ones the list is empty.
 
 Checkpoint manifest versions:
     1  (current) model config, TP size, step, tensor specs, git revision; tokenizer, pair layout and objective
-       when the trainer knew them. The tokenizer's path is relative to the checkpoint directory (which holds a copy
+       when the trainer knew them; since issue 17 every file's size and digest (``files``, empty in older ones). The tokenizer's path is relative to the checkpoint directory (which holds a copy
        of it) in checkpoints written since they carry it; older ones recorded it absolute or relative to the
        directory training ran in, and are still read (:meth:`CheckpointManifest.tokenizer_path`).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from common.config import ConfigError, from_mapping, to_dict
+from common.integrity import FileRecord
 from common.io import file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -33,6 +38,9 @@ STORE_FORMAT = "codegeex-token-store"
 STORE_SCHEMA_VERSION = 2
 CHECKPOINT_FORMAT = "codegeex-checkpoint"
 CHECKPOINT_SCHEMA_VERSION = 1
+CHECKPOINT_FILES = "files.json"  # a training checkpoint's file list (CheckpointFiles)
+CHECKPOINT_FILES_FORMAT = "codegeex-checkpoint-files"
+CHECKPOINT_FILES_SCHEMA_VERSION = 1
 
 M = TypeVar("M")
 log = logging.getLogger("codegeex.checkpoint")
@@ -116,6 +124,16 @@ class LanguageCounts:
 
 
 @dataclass(kw_only=True)
+class CorruptInput:
+    """An input file the build could not read whole: its unreadable or malformed items were skipped."""
+
+    file: str  # the input file (the archive or record file; ``archive.zip!member`` for a member not UTF-8)
+    items: int  # items skipped: the whole file (1), members, records, or the rows of a row group
+    reasons: dict[str, int]  # the skip reasons they are counted under (unreadable, malformed_record, invalid_utf8)
+    first: str  # where and why the first one failed, e.g. "line 3: invalid JSON (JSONDecodeError: ...)"
+
+
+@dataclass(kw_only=True)
 class StoreManifest:
     """``STORE/manifest.json``: what ``codegeex data build`` wrote and the sampler, trainer and inspector read."""
 
@@ -134,6 +152,7 @@ class StoreManifest:
     padding_fraction: float = 0.0
     languages: dict[str, LanguageCounts] = field(default_factory=dict)
     skips: dict[str, int] = field(default_factory=dict)
+    corrupt_inputs: list[CorruptInput] = field(default_factory=list)  # sorted by file; counted in ``skips`` too
     dedup: dict[str, Any] = field(default_factory=dict)
     contaminated_examples: list[dict[str, str]] = field(default_factory=list)
     shards: list[ShardEntry]
@@ -177,6 +196,9 @@ class CheckpointManifest:
     pairs: PairLayout | None = None  # the pair layout it was trained on, None for plain code
     objective: str | None = None
     converted_from: str | None = None
+    # every file of the directory but manifest.json (shards, tokenizer) with its size and digest; empty in
+    # checkpoints written before they carried checksums (then nothing is verified, with a warning)
+    files: dict[str, FileRecord] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.tp_size < 1:
@@ -193,6 +215,17 @@ class CheckpointManifest:
         path = self.tokenizer.locate(where or None)
         self.tokenizer.verify(path, where)
         return str(path)
+
+
+@dataclass(kw_only=True)
+class CheckpointFiles:
+    """``ROOT/step-N/files.json``: every file of a training checkpoint (model, DeepSpeed state, optimizer state,
+    RNG, trainer.json) with its size and digest, written last before the step directory is renamed into place."""
+
+    format: str = CHECKPOINT_FILES_FORMAT
+    schema_version: int = CHECKPOINT_FILES_SCHEMA_VERSION
+    step: int
+    files: dict[str, FileRecord]
 
 
 def _upgrade_store(data: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +247,7 @@ _KINDS: dict[type, tuple[str, int, tuple[int, ...], Any]] = {
     # class: (format, current version, older versions read, upgrade)
     StoreManifest: (STORE_FORMAT, STORE_SCHEMA_VERSION, (1,), _upgrade_store),
     CheckpointManifest: (CHECKPOINT_FORMAT, CHECKPOINT_SCHEMA_VERSION, (), lambda d: d),
+    CheckpointFiles: (CHECKPOINT_FILES_FORMAT, CHECKPOINT_FILES_SCHEMA_VERSION, (), lambda d: d),
 }
 
 
@@ -236,8 +270,8 @@ def manifest_from_json(cls: type[M], data: Any, source: str | Path) -> M:
         raise ManifestError(f"{source}: {exc}") from None
 
 
-def _load(cls: type[M], directory: str | Path, missing: type[Exception], what: str) -> M:
-    f = Path(directory) / MANIFEST
+def _load(cls: type[M], directory: str | Path, missing: type[Exception], what: str, name: str = MANIFEST) -> M:
+    f = Path(directory) / name
     if not f.is_file():
         raise missing(f"{f} does not exist: {directory} is not {what}")
     try:
@@ -260,17 +294,23 @@ def load_checkpoint_manifest(checkpoint: str | Path) -> CheckpointManifest:
     return _load(CheckpointManifest, checkpoint, FileNotFoundError, "a checkpoint directory")
 
 
-def manifest_to_json(manifest: StoreManifest | CheckpointManifest) -> dict[str, Any]:
+def load_checkpoint_files(step_dir: str | Path) -> CheckpointFiles:
+    """The file list of the training checkpoint in ``step_dir`` (FileNotFoundError when it has none)."""
+    return _load(CheckpointFiles, step_dir, FileNotFoundError, "a complete training checkpoint", CHECKPOINT_FILES)
+
+
+def manifest_to_json(manifest: StoreManifest | CheckpointManifest | CheckpointFiles) -> dict[str, Any]:
     return to_dict(manifest)
 
 
-def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointManifest,
+def write_manifest(directory: str | Path, manifest: StoreManifest | CheckpointManifest | CheckpointFiles,
                    mode: int | None = None) -> Path:
-    """Write ``DIR/manifest.json`` atomically (checked first: what is written can be read back); ``mode``: its
-    permissions whatever the umask (None: the umask's)."""
+    """Write ``DIR/manifest.json`` (``DIR/files.json`` for a :class:`CheckpointFiles`) atomically, checked first:
+    what is written can be read back; ``mode``: its permissions whatever the umask (None: the umask's)."""
+    name = CHECKPOINT_FILES if isinstance(manifest, CheckpointFiles) else MANIFEST
     data = manifest_to_json(manifest)
-    manifest_from_json(type(manifest), data, Path(directory) / MANIFEST)
-    path = Path(directory) / MANIFEST
+    manifest_from_json(type(manifest), data, Path(directory) / name)
+    path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data, mode)
     return path

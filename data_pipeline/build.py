@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from common.config import to_dict
-from common.contracts import MANIFEST, StoreError, StoreManifest, load_store_manifest, write_manifest
+from common.config import from_mapping, to_dict
+from common.contracts import MANIFEST, CorruptInput, StoreError, StoreManifest, load_store_manifest, write_manifest
 from common.io import write_json_atomic
 from common.logs import progress
 from data_pipeline.build_guard import build_lock, check_output
 from data_pipeline.config import BuildConfig
+from data_pipeline.corrupt import Corrupt, CorruptTally, corrupt_summary, describe_record, warn_corrupt
 from data_pipeline.decontam import ContaminationIndex
 from data_pipeline.dedup import MinHasher, content_hash
 from data_pipeline.default_corpus import expand_inputs
@@ -34,7 +35,7 @@ from data_pipeline.documents import Document, accepted_documents
 from data_pipeline.filters import SyntaxChecker
 from data_pipeline.pairs import pair_tokens
 from data_pipeline.sources import Unit, enumerate_units
-from data_pipeline.spool import merge_spools, spool_done, write_spool
+from data_pipeline.spool import merge_spools, spool_done, unit_stats, write_spool
 from data_pipeline.tokenizer import EOD, CodeTokenizer
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class UnitProcessor:
 
     def __call__(self, unit: Unit) -> dict[str, Any]:
         skips: Counter[str] = Counter()
-        docs = list(accepted_documents(unit, self.cfg.fields, self.cfg.filters, self.cfg.extract, self.checker, skips))
+        corrupt: list[Corrupt] = []
+        docs = list(accepted_documents(unit, self.cfg.fields, self.cfg.filters, self.cfg.extract, self.checker, skips,
+                                       corrupt))
         tokens = self._tokens(docs)
         sigs = [self.minhash.signature(d.text) for d in docs] if self.minhash else None
         write_spool(
@@ -108,9 +111,26 @@ class UnitProcessor:
             band_keys=[self.minhash.band_keys(s) for s in sigs] if self.minhash and sigs is not None else None,
             contaminated=[self.contamination.match(d.text) if self.contamination else None for d in docs],
             token_dtype=self.tokenizer.token_dtype,
-            stats={"unit": unit.index, "documents": len(docs), "skips": dict(skips)},
+            stats={"unit": unit.index, "documents": len(docs), "skips": dict(skips),
+                   "corrupt": _tally(corrupt).records()},
         )
         return {"unit": unit.index, "documents": len(docs)}
+
+
+def _tally(items: list[Corrupt]) -> CorruptTally:
+    tally = CorruptTally()
+    for item in items:
+        tally.add(item)
+    return tally
+
+
+def corrupt_inputs(work: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The corrupt input files of the whole build (found listing the inputs, and reading every unit), per file,
+    sorted by file name: the same whatever the unit size."""
+    tally = CorruptTally(state.get("enumeration_corrupt", []))  # absent from the work folders of older builds
+    for i in range(state["units"]):
+        tally.merge(unit_stats(work, i).get("corrupt", []))
+    return sorted(tally.records(), key=lambda r: str(r["file"]))
 
 
 _PROCESSOR: UnitProcessor | None = None
@@ -133,10 +153,13 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = CodeTokenizer(cfg.tokenizer)
+    corrupt: list[Corrupt] = []
     with progress(desc="list inputs", unit=" files") as bar:
         units, skips = enumerate_units(expand_inputs(cfg.inputs), int(cfg.unit_mb * 2**20), cfg.filters.max_file_bytes,
-                                       int(cfg.max_input_mb_per_language * 2**20), on_file=lambda: bar.update(1))
+                                       int(cfg.max_input_mb_per_language * 2**20), on_file=lambda: bar.update(1),
+                                       corrupt=corrupt)
     state = {"identity": spool_identity(cfg, tokenizer), "units": len(units), "enumeration_skips": dict(skips),
+             "enumeration_corrupt": _tally(corrupt).records(),
              "tokenizer": {"path": str(cfg.tokenizer), "sha256": tokenizer.fingerprint,
                            "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
                            "eod": EOD, "token_dtype": tokenizer.token_dtype.name,
@@ -227,10 +250,15 @@ def merge(cfg: BuildConfig, command: list[str]) -> StoreManifest:
         raise ValueError(f"{out}: {len(missing)} unit(s) not spooled yet (first: {missing[:5]}); "
                          "run the remaining parts of `codegeex data build` first")
     manifest = merge_spools(cfg, work, state, progress)
+    corrupt = corrupt_inputs(work, state)
+    manifest.corrupt_inputs = [from_mapping(CorruptInput, r) for r in corrupt]
+    warn_corrupt(corrupt)
     if manifest.total_windows == 0:
-        skips = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skips.items())) or "no input file was found"
+        skips = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skips.items()) if v) or "no input file was found"
+        named = "; ".join(describe_record(r) for r in corrupt[:10]) + ("; ..." if len(corrupt) > 10 else "")
         raise ValueError(f"{out}: nothing was accepted, so no store was written ({manifest.total_documents} "
-                         f"documents kept; skipped: {skips}); check --input and the filters")
+                         f"documents kept; skipped: {skips}" + (f"; corrupt inputs: {named}" if corrupt else "")
+                         + "); check --input and the filters")
     manifest.command = command
     manifest.config = to_dict(cfg)
     write_manifest(out, manifest)
@@ -247,7 +275,8 @@ def log_summary(m: StoreManifest, out: Path) -> None:
             "malformed_record")
     filtered = ("empty", "too_large", "binary", "invalid_utf8", "avg_line_too_long", "line_too_long", "parse_error")
     fmt = lambda keys: ", ".join(f"{k} {skips[k]:,}" for k in keys if skips.get(k)) or "none"  # noqa: E731
-    log.info("read: skipped %s", fmt(read))
+    corrupt = corrupt_summary([(c.file, c.items) for c in m.corrupt_inputs])
+    log.info("read: skipped %s; corrupt inputs: %s", fmt(read), corrupt)
     log.info("filters: skipped %s", fmt(filtered))
     log.info("dedup and decontamination: dropped %s", fmt(("exact_duplicate", "near_duplicate", "contaminated")))
     log.info("tokenized: %s documents, %s tokens (%s)", f"{m.total_documents:,}", f"{m.total_tokens:,}",

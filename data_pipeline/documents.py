@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from data_pipeline.corrupt import Corrupt
 from data_pipeline.extract import ExtractConfig, FunctionPair, extract_functions, remove_comments
 from data_pipeline.filters import FilterConfig, Skip, SyntaxChecker, check_text
 from data_pipeline.languages import Language, language_for_path
@@ -32,12 +33,15 @@ class Document:
 
 def accepted_documents(
     unit: Unit, fields: RecordFields, filters: FilterConfig, extract: ExtractConfig,
-    checker: SyntaxChecker, skips: Counter[str],
+    checker: SyntaxChecker, skips: Counter[str], corrupt: list[Corrupt] | None = None,
 ) -> Iterator[Document]:
-    """The documents of a unit that pass every filter, in order; every rejection is counted in ``skips``."""
+    """The documents of a unit that pass every filter, in order; every rejection is counted in ``skips``, and the
+    corrupt items (unreadable, malformed, not UTF-8) are appended to ``corrupt``."""
     for raw in read_unit(unit, fields):
-        if isinstance(raw, str):
-            skips[raw] += 1
+        if isinstance(raw, Corrupt):
+            skips[raw.reason] += raw.count
+            if corrupt is not None:
+                corrupt.append(raw)
             continue
         lang = raw.language or language_for_path(raw.path, raw.data[:128])
         if lang is None:
@@ -53,6 +57,8 @@ def accepted_documents(
                 tree = None
         except Skip as skip:
             skips[skip.reason] += 1
+            if skip.reason == "invalid_utf8" and corrupt is not None:
+                corrupt.append(Corrupt.undecodable(raw.source, raw.data))
             continue
         if extract.functions:
             for pair in extract_functions(lang, raw.data, tree, extract.min_docstring_chars):

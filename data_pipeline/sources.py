@@ -4,7 +4,9 @@ Enumeration is deterministic (sorted paths, fixed unit sizes that do not depend 
 the same inputs always give the same units, in the same order, on every machine of a SLURM array. A unit is the
 grain of parallelism and of resumption: a worker reads one unit and writes one spool file for it.
 
-Nothing here crashes on bad input: unreadable files, symlink loops and oversized files are counted by reason.
+Nothing here crashes on bad input: symlink loops and oversized files are counted by reason, and a corrupt input (a
+dangling link, a FIFO, a read error, a truncated or garbage archive, Parquet file or gzip stream, a bad archive
+member, row group or record) is a :class:`~data_pipeline.corrupt.Corrupt`: skipped, counted and named.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from common.config import option
+from data_pipeline.corrupt import (
+    GZIP_ERRORS,
+    MEMBER_ERRORS,
+    ZIP_ERRORS,
+    Corrupt,
+    arrow_errors,
+    error_text,
+    lines_before,
+    not_regular,
+    os_error,
+)
 from data_pipeline.languages import Language, get_language, language_for_path
 
 
@@ -76,10 +89,16 @@ class _Enumerator:
         self.cap = max_bytes_per_language
         self.per_language: Counter[str] = Counter()
         self.skips: Counter[str] = Counter()
+        self.corrupt: list[Corrupt] = []
         self.units: list[Unit] = []
         self._pending: list[list[Any]] = []
         self._pending_bytes = 0
         self.roots: set[str] = set()  # directories given as inputs: another root's walk does not enter them
+
+    def bad(self, path: str, detail: str) -> None:
+        """An input that cannot be read at all: skipped, counted as ``unreadable`` and named."""
+        self.skips["unreadable"] += 1
+        self.corrupt.append(Corrupt("unreadable", path, "", detail))
 
     def _add_file(self, path: str, size: int, lang: Language | None) -> None:
         if self.on_file is not None:
@@ -93,8 +112,8 @@ class _Enumerator:
                 try:
                     with open(path, "rb") as fh:
                         head = fh.read(128)
-                except OSError:
-                    self.skips["unreadable"] += 1
+                except OSError as exc:
+                    self.bad(path, os_error(path, exc))
                     return
             lang = language_for_path(path, head)
         if lang is None:
@@ -127,8 +146,8 @@ class _Enumerator:
             top, ancestors = stack.pop()
             try:
                 st = os.stat(top)
-            except OSError:
-                self.skips["unreadable"] += 1
+            except OSError as exc:
+                self.bad(top, os_error(top, exc))
                 continue
             key = (st.st_dev, st.st_ino)
             if key in ancestors:
@@ -140,8 +159,8 @@ class _Enumerator:
             visited.add(key)
             try:
                 entries = sorted(os.scandir(top), key=lambda e: e.name)
-            except OSError:
-                self.skips["unreadable"] += 1
+            except OSError as exc:
+                self.bad(top, os_error(top, exc))
                 continue
             subdirs = []
             for entry in entries:
@@ -149,8 +168,8 @@ class _Enumerator:
                     continue
                 try:
                     est = entry.stat(follow_symlinks=True)
-                except OSError:  # dangling link, permission, or a link loop the kernel caught (ELOOP)
-                    self.skips["unreadable"] += 1
+                except OSError as exc:  # dangling link, permission, or a link loop the kernel caught (ELOOP)
+                    self.bad(entry.path, os_error(entry.path, exc))
                     continue
                 if stat.S_ISDIR(est.st_mode):
                     real = os.path.realpath(entry.path)
@@ -158,6 +177,8 @@ class _Enumerator:
                         subdirs.append(entry.path)
                 elif stat.S_ISREG(est.st_mode):
                     self._add_file(entry.path, est.st_size, lang)
+                else:  # reading a FIFO would block, a device would never end
+                    self.bad(entry.path, not_regular(est.st_mode))
             inner = ancestors | {key}
             stack.extend((d, inner) for d in reversed(subdirs))
 
@@ -166,8 +187,8 @@ class _Enumerator:
         try:
             with zipfile.ZipFile(path) as zf:
                 infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
-        except (OSError, zipfile.BadZipFile):
-            self.skips["unreadable"] += 1
+        except ZIP_ERRORS as exc:  # truncated (no central directory), not a zip, unreadable
+            self.bad(path, error_text(exc))
             return
         items: list[list[Any]] = []
         size = 0
@@ -204,7 +225,11 @@ class _Enumerator:
         import pyarrow.parquet as pq
 
         self.flush()
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except arrow_errors() as exc:  # truncated, garbage or unreadable: no footer to list row groups from
+            self.bad(path, error_text(exc))
+            return
         group, size = [], 0
         for g in range(meta.num_row_groups):
             group.append(g)
@@ -218,10 +243,11 @@ class _Enumerator:
 
 def enumerate_units(
     inputs: list[tuple[str, Language | None]], unit_bytes: int, max_file_bytes: int, max_bytes_per_language: int = 0,
-    on_file: Callable[[], None] | None = None,
+    on_file: Callable[[], None] | None = None, corrupt: list[Corrupt] | None = None,
 ) -> tuple[list[Unit], Counter[str]]:
     """Turn inputs (path, optional language override) into work units and the skip counts of enumeration;
-    ``on_file`` is called for every file seen (for a progress bar)."""
+    ``on_file`` is called for every file seen (for a progress bar); the corrupt inputs found are appended to
+    ``corrupt``. An input that does not exist is an error (a mistyped path); one that is corrupt is skipped."""
     en = _Enumerator(unit_bytes, max_file_bytes, max_bytes_per_language, on_file)
     en.roots = {os.path.realpath(p) for p, _ in inputs if os.path.isdir(p)}
     for raw, lang in inputs:
@@ -230,6 +256,8 @@ def enumerate_units(
             en.walk(path, lang)
         elif not os.path.exists(path):
             raise FileNotFoundError(f"input {path} does not exist")
+        elif not stat.S_ISREG(os.stat(path).st_mode):
+            en.bad(path, not_regular(os.stat(path).st_mode))
         elif path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
             en.jsonl(path)
         elif path.endswith(".parquet"):
@@ -239,11 +267,13 @@ def enumerate_units(
         else:
             en._add_file(path, os.path.getsize(path), lang)
     en.flush()
+    if corrupt is not None:
+        corrupt.extend(en.corrupt)
     return en.units, en.skips
 
 
 def _iter_jsonl_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line) for every line that starts inside [start, end) of the file."""
+    """(byte offset, line) for every line that starts inside [start, end) of the file (of the whole stream, .gz)."""
     if unit.kind == "jsonl.gz":
         with gzip.open(unit.path, "rb") as gz:
             pos = 0
@@ -265,53 +295,119 @@ def _iter_jsonl_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
             pos += len(line)
 
 
-def _record_doc(rec: Any, source: str, fields: RecordFields) -> RawDocument | str:
-    """A record's document, or the skip reason for a malformed record."""
+def _record_problem(rec: Any, fields: RecordFields) -> str:
+    """Why a parsed record holds no document ("" when it does)."""
     if not isinstance(rec, dict):
-        return "malformed_record"
+        return f"a JSON {type(rec).__name__}, not an object"
     content = rec.get(fields.content)
-    if not isinstance(content, str):
-        return "malformed_record"
+    if content is None:
+        return f"no field {fields.content!r}" if fields.content not in rec else f"field {fields.content!r} is null"
+    return "" if isinstance(content, str) else f"field {fields.content!r} is {type(content).__name__}, not a string"
+
+
+def _record_doc(rec: dict[str, Any], source: str, fields: RecordFields) -> RawDocument:
     name = rec.get(fields.path) if isinstance(rec.get(fields.path), str) else ""
-    return RawDocument(source, name or source, content.encode("utf-8", "surrogatepass"), _record_language(rec, fields))
+    return RawDocument(source, name or source, rec[fields.content].encode("utf-8", "surrogatepass"),
+                       _record_language(rec, fields))
 
 
-def read_unit(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | str]:
-    """The documents of a unit, in order; a string in the stream is the skip reason of one unreadable item."""
-    if unit.kind == "files":
-        for path, lang in unit.items:
+def _read_files(unit: Unit) -> Iterator[RawDocument | Corrupt]:
+    for path, lang in unit.items:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            yield Corrupt("unreadable", path, "", os_error(path, exc))
+            continue
+        yield RawDocument(path, path, data, get_language(lang))
+
+
+def _read_zip(unit: Unit) -> Iterator[RawDocument | Corrupt]:
+    try:
+        zf = zipfile.ZipFile(unit.path)
+    except ZIP_ERRORS as exc:
+        yield Corrupt("unreadable", unit.path, "", error_text(exc), count=len(unit.items))
+        return
+    with zf:
+        for member, lang in unit.items:
             try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
-            except OSError:
-                yield "unreadable"
+                data = zf.read(member)  # checks the member's CRC-32
+            except MEMBER_ERRORS as exc:
+                yield Corrupt("unreadable", unit.path, f"member {member}", error_text(exc))
                 continue
-            yield RawDocument(path, path, data, get_language(lang))
-    elif unit.kind == "zip":
-        with zipfile.ZipFile(unit.path) as zf:
-            for member, lang in unit.items:
-                try:
-                    data = zf.read(member)
-                except (OSError, zipfile.BadZipFile, KeyError):
-                    yield "unreadable"
-                    continue
-                yield RawDocument(f"{unit.path}!{member}", member, data, get_language(lang))
-    elif unit.kind in ("jsonl", "jsonl.gz"):
+            yield RawDocument(f"{unit.path}!{member}", member, data, get_language(lang))
+
+
+def _read_jsonl(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | Corrupt]:
+    first, number = -1, 0  # offset of the unit's first line, lines read so far
+    base: list[int | None] = [] if unit.start else [0]  # lines before the unit: counted at its first bad line
+
+    def where(offset: int) -> str:
+        if not base:
+            base.append(lines_before(unit.path, first))
+        return f"line {base[0] + number}" if base[0] is not None else f"the line at byte {offset}"
+
+    try:
         for offset, line in _iter_jsonl_lines(unit):
+            first = offset if first < 0 else first
+            number += 1
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                yield "malformed_record"
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield Corrupt("malformed_record", unit.path, where(offset), f"invalid JSON ({error_text(exc)})")
+                continue
+            problem = _record_problem(rec, fields)
+            if problem:
+                yield Corrupt("malformed_record", unit.path, where(offset), problem)
                 continue
             yield _record_doc(rec, f"{unit.path}@{offset}", fields)
-    elif unit.kind == "parquet":
-        import pyarrow.parquet as pq
+    except GZIP_ERRORS as exc:  # a truncated or garbage .gz (or a read error): the lines before it are kept
+        yield Corrupt("unreadable", unit.path, f"line {number + 1}" if unit.kind == "jsonl.gz" else "",
+                      error_text(exc))
 
+
+def _read_parquet(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | Corrupt]:
+    import pyarrow.parquet as pq
+
+    try:
         pf = pq.ParquetFile(unit.path)
-        for g in unit.items:
-            for i, rec in enumerate(pf.read_row_group(g).to_pylist()):
-                yield _record_doc(rec, f"{unit.path}#rg{g}:{i}", fields)
+        names = pf.schema_arrow.names
+    except arrow_errors() as exc:
+        yield Corrupt("unreadable", unit.path, "", error_text(exc), count=len(unit.items))
+        return
+    rows = [pf.metadata.row_group(g).num_rows for g in unit.items]
+    if fields.content not in names:  # every row is malformed: counted as such, named once per row group
+        for g, n in zip(unit.items, rows):
+            yield Corrupt("malformed_record", unit.path, f"row group {g}",
+                          f"no column {fields.content!r} (columns: {', '.join(names)})", count=n)
+        return
+    columns = [c for c in dict.fromkeys((fields.content, fields.language, fields.path)) if c in names]
+    for g, n in zip(unit.items, rows):
+        try:
+            records = pf.read_row_group(g, columns=columns).to_pylist()
+        except arrow_errors() as exc:  # a damaged page: this row group's rows are lost, the others read
+            yield Corrupt("unreadable", unit.path, f"row group {g}", error_text(exc), count=n)
+            continue
+        for i, rec in enumerate(records):
+            problem = _record_problem(rec, fields)
+            if problem:
+                yield Corrupt("malformed_record", unit.path, f"row group {g} row {i}", problem)
+                continue
+            yield _record_doc(rec, f"{unit.path}#rg{g}:{i}", fields)
+
+
+def read_unit(unit: Unit, fields: RecordFields) -> Iterator[RawDocument | Corrupt]:
+    """The documents of a unit, in order; a :class:`Corrupt` in the stream is one item (or, for a whole unreadable
+    file, ``count`` items) that could not be read, skipped and counted under its reason."""
+    if unit.kind == "files":
+        yield from _read_files(unit)
+    elif unit.kind == "zip":
+        yield from _read_zip(unit)
+    elif unit.kind in ("jsonl", "jsonl.gz"):
+        yield from _read_jsonl(unit, fields)
+    elif unit.kind == "parquet":
+        yield from _read_parquet(unit, fields)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")

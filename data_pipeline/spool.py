@@ -37,6 +37,11 @@ def spool_done(work: Path, index: int) -> bool:
     return _paths(work, index)[1].exists()
 
 
+def unit_stats(work: Path, index: int) -> dict[str, Any]:
+    """The stats a finished unit was spooled with (documents, skips, corrupt inputs)."""
+    return dict(json.loads(_paths(work, index)[1].read_text()))
+
+
 def write_spool(work: Path, index: int, docs: list[Document], tokens: list[tuple[np.ndarray, np.ndarray | None]],
                 hashes: list[int], signatures: list[np.ndarray] | None, band_keys: list[np.ndarray] | None,
                 contaminated: list[str | None], token_dtype: np.dtype, stats: dict[str, Any]) -> None:

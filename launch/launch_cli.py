@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,37 +69,74 @@ def _slurm_flags(p: argparse.ArgumentParser) -> None:
                    help="any sbatch option, as one word, repeatable: --sbatch-arg=--qos=high --sbatch-arg=--exclusive")
     p.add_argument("--container-image", default="", help="pyxis/enroot image for every step (srun --container-image)")
     p.add_argument("--container-mounts", default="", help="pyxis/enroot mounts, SRC:DST[,...]")
+    _check_flags(p)
+
+
+def _check_flags(p: argparse.ArgumentParser) -> None:
+    """What launch-time validation (launch.validate.check_job) needs beyond the world the launcher knows."""
+    p.add_argument("--gpu", default="", metavar="KIND", help="the ranks' device kind (h100-80gb, a100-40gb, h200, ...): "
+                   "a predicted memory per rank above its own is refused")
+    p.add_argument("--force", action="store_true", help="launch even when the predicted memory per rank exceeds --gpu's")
 
 
 def _job(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training YAML (or, after --, a command every rank runs: eval generate ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--dry-run", action="store_true", help="write the run directory's record, print the command")
+    _check_flags(p)
 
 
-def _resolve(config: str, overrides: list[str]) -> tuple[Any, Path, Path]:
-    """Validate the training config now (not on the ranks) and write the resolved copy the ranks will read."""
+def _resolve(config: str, overrides: list[str], world: Any, args: argparse.Namespace) -> tuple[Any, Path, Path]:
+    """Load the training config and check the job against ``world`` (a launch.job_checks.World: what the launcher
+    knows) with launch.validate.check_job, every problem at once, before anything is written or started; then write
+    the resolved copy the ranks will read."""
+    from common.devices import find_device
     from launch.runs import write_resolved_config
+    from launch.validate import check_job
     from megatron_code.train_config import load_train_config
 
     cfg = load_train_config(config, overrides)
+    _check_run_lock(Path(cfg.run_dir).resolve(), args)  # the cheapest refusal first
+    device = find_device(args.gpu) if args.gpu else None
+    for line in check_job(cfg, world, name=config, device=device, force=args.force).splitlines():
+        log.info("%s", line)
     run_dir = Path(cfg.run_dir).resolve()
     return cfg, run_dir, write_resolved_config(run_dir, cfg)
 
 
+def _check_run_lock(run_dir: Path, args: argparse.Namespace) -> None:
+    """Before anything is written into ``run_dir`` (its config.yaml is what a live job's restarted ranks read):
+    refuse it when a live job holds it (RunLockHeld, naming the holder), warn of a stale holder (the new job's rank 0
+    takes it over). Not for SLURM submissions (a job queued behind the live one is no second live job), nor on torchrun
+    nodes other than 0 (node 0 checks)."""
+    from megatron_code.run_lock import check_run_dir
+
+    if getattr(args, "func", None) is cmd_slurm or getattr(args, "node_rank", 0) != 0:
+        return
+    stale = check_run_dir(run_dir)
+    if stale is not None:
+        log.warning("%s: the lock of a job that is gone (%s); this job takes it over", run_dir / ".lock",
+                    stale.describe())
+
+
 def _start(run_dir: Path, name: str, cmd: list[str], env: dict[str, str], dry_run: bool) -> int:
+    """Record the launch, then run ``cmd`` until it ends; SIGTERM/SIGINT stop it with a checkpoint, a second signal
+    at once (``launch.launchers.supervise``)."""
+    from launch.launchers import supervise, supervision
     from launch.runs import record_launch
 
+    how = supervision(cmd)
     record = record_launch(run_dir, name, ["codegeex", *sys.argv[1:]], cmd, env)
     log.info("run directory %s (launch record %s)", run_dir, record.name)
     log.info("%s", shlex.join(cmd))
     if dry_run:
         sys.stdout.write(shlex.join(cmd) + "\n")
         return 0
-    return subprocess.call(cmd, env=env)
+    return supervise(cmd, env, status=run_dir / "status.json" if how.trains else None,
+                     ranks_are_children=how.ranks_are_children)
 
 
-def _job_target(args: argparse.Namespace) -> tuple[Path, Path | None, list[str] | None]:
+def _job_target(args: argparse.Namespace, world: Any) -> tuple[Path, Path | None, list[str] | None]:
     """(run directory, resolved training config or None, codegeex command or None) of a local/torchrun job: a
     training CONFIG with overrides, or ``-- eval generate ... --output FILE`` (recorded beside FILE)."""
     from launch.launchers import codegeex_command, output_of
@@ -109,7 +145,7 @@ def _job_target(args: argparse.Namespace) -> tuple[Path, Path | None, list[str] 
     if command is not None:
         output = Path(str(output_of(command))).resolve()
         return output.parent, None, [f"@{argument_file(output.parent, command)}"]
-    _, run_dir, config = _resolve(args.config, args.overrides)
+    _, run_dir, config = _resolve(args.config, args.overrides, world, args)
     return run_dir, config, None
 
 
@@ -122,9 +158,15 @@ def argument_file(run_dir: Path, command: list[str]) -> Path:
 
 
 def cmd_torchrun(args: argparse.Namespace) -> int:
+    from launch.job_checks import World
     from launch.launchers import gpus_here, parse_endpoint, torchrun_command, worker_environment
 
-    run_dir, config, command = _job_target(args)
+    if args.launcher_name == "local":
+        world = World.of(1, args.nproc, gpus_here(), f"--nproc {args.nproc}", "")
+    else:
+        world = World.of(args.nnodes, args.nproc, gpus_here(), f"--nnodes {args.nnodes} x --nproc {args.nproc}",
+                         f"--nproc {args.nproc}")
+    run_dir, config, command = _job_target(args, world)
     if args.launcher_name == "local":
         cmd = torchrun_command(config, nproc_per_node=args.nproc, max_restarts=args.max_restarts,
                                run_id=f"local-{os.getpid()}", command=command)
@@ -138,6 +180,7 @@ def cmd_torchrun(args: argparse.Namespace) -> int:
 
 
 def cmd_deepspeed(args: argparse.Namespace) -> int:
+    from launch.job_checks import World
     from launch.launchers import (
         carry_to_remote_workers,
         deepspeed_command,
@@ -148,7 +191,10 @@ def cmd_deepspeed(args: argparse.Namespace) -> int:
     )
 
     hosts = read_hostfile(args.hostfile)  # before anything is written
-    cfg, run_dir, config = _resolve(args.config, args.overrides)
+    slots = hosts[0].slots
+    world = World.of(len(hosts), slots, gpus_here(), f"{len(hosts)} hosts x {slots} slots in {args.hostfile}",
+                     f"slots={slots} in {args.hostfile}")
+    cfg, run_dir, config = _resolve(args.config, args.overrides, world, args)
     cmd = deepspeed_command(config, Path(args.hostfile), master_port=args.master_port)
     # GPUs or not as on this machine, as DeepSpeed's runner itself decides (its accelerator picks what it forwards)
     env = worker_environment(hosts[0].slots, gpus=gpus_here())
@@ -242,9 +288,13 @@ def _write_and_submit(run_dir: Path, scripts: list[tuple[str, str, str]], args: 
 
 
 def _slurm_training(args: argparse.Namespace, opts: Any, job: list[str]) -> int:
+    from launch.job_checks import World, plural
     from launch.slurm import training_script
 
-    cfg, run_dir, config = _resolve(job[0], job[1:])
+    per_node, gpus = opts.ranks_per_node, opts.gpus_per_node > 0
+    given = f"--nproc-per-node {per_node}" if opts.nproc_per_node else f"--gpus-per-node {per_node}"
+    world = World.of(opts.nodes, per_node, gpus, f"{plural(opts.nodes, 'node')} x {plural(per_node, 'GPU' if gpus else 'rank')}", given)
+    cfg, run_dir, config = _resolve(job[0], job[1:], world, args)
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

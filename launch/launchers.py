@@ -19,20 +19,45 @@ user already set wins, except for the first):
 
 DeepSpeed's runner forwards to remote nodes only variables with certain prefixes (``PYTHON``, ``NCCL``, ...) and those
 in its ``.deepspeed_env`` file, so for a hostfile of several hosts the launcher writes the variables above (with the
-user's own ``.deepspeed_env`` lines after them) into ``RUN_DIR/launch/deepspeed_env`` and points ``DS_ENV_FILE`` at it."""
+user's own ``.deepspeed_env`` lines after them) into ``RUN_DIR/launch/deepspeed_env`` and points ``DS_ENV_FILE`` at it.
+
+Stopping (:func:`supervise`): ``codegeex launch`` starts the launcher command in a session of its own, so a
+terminal's Ctrl-C (and a ``timeout`` or supervisor signalling the process group) reaches only ``codegeex launch``.
+On SIGTERM or SIGINT it sends the same signal to every rank itself (the launcher command's own children), not to
+torchrun, whose agent would SIGKILL the ranks 30 s later, checkpoint or not: the ranks finish the step, save, exit 0
+(``status.json`` = stopped), the launcher command sees every rank succeed and exits 0, and so does ``codegeex
+launch``. A second signal, more than ``REPEAT_S`` after the first, stops at once: the launcher command is killed (so
+it restarts nothing), the ranks get the signal again (rank 0 marks ``status.json`` killed, each exits 128 + N), and
+whatever is left ``KILL_GRACE_S`` later is killed; the exit code is 128 + N. Ranks that appear after a stop (an
+elastic restart, because a rank failed while stopping) also stop everything at once. The launcher command dies with
+``codegeex launch`` even when that is SIGKILLed (its parent-death signal is SIGTERM, which torchrun passes on).
+With DeepSpeed's runner (a hostfile of several hosts) the ranks run under pdsh on each host, out of reach: the
+signal goes to the runner, which ends them without a checkpoint."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import json
+import logging
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from common.config import ConfigError
+from megatron_code.run_lock import mark_killed
+
+log = logging.getLogger("codegeex.launch")
 
 TRAIN_MODULE = ["-m", "launch.cli", "train"]
 
@@ -211,3 +236,149 @@ def deepspeed_command(config: Path, hostfile: Path, *, master_addr: str | None =
                str(master_port), "--master_addr", master_addr or hosts[0].name]
     # LOCAL_RANK comes in the environment; a --local_rank flag would land before the `train` subcommand
     return cmd + ["--no_local_rank", "--module", *TRAIN_MODULE[1:], "--config", str(config)]
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 1.0  # a second signal sooner than this is the same request delivered twice (one to stop, not to kill)
+KILL_GRACE_S = 3.0  # after a second signal: how long the ranks get to exit by themselves before SIGKILL
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+@dataclass
+class Supervision:
+    """How ``codegeex launch`` watches and stops the launcher command it starts (:func:`supervision` reads it off
+    the command line these functions build)."""
+
+    ranks_are_children: bool  # the command's own children are the ranks (torchrun, DeepSpeed's per-node launcher)
+    trains: bool  # the ranks train (status.json, the run lock), rather than run a command such as eval generate
+    first_node: bool  # a single-node job, or node 0 of several: it checks the run directory's lock
+
+
+def supervision(cmd: list[str]) -> Supervision:
+    node_rank = cmd[cmd.index("--node-rank") + 1] if "--node-rank" in cmd else "0"
+    return Supervision(ranks_are_children="deepspeed.launcher.runner" not in cmd,
+                       trains=cmd[-3:-1] == [TRAIN_MODULE[-1], "--config"], first_node=node_rank == "0")
+
+
+def _prctl() -> Callable[[int, int], int] | None:
+    """Linux's prctl(2), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def supervise(cmd: list[str], env: dict[str, str], *, status: Path | None = None, ranks_are_children: bool = True,
+              poll_s: float = 0.2) -> int:
+    """Run the launcher command ``cmd`` and stop it as the module docstring says; returns its exit code (128 + N
+    when it, or ``codegeex launch``, ended by signal N). ``status``: the run's status.json (training jobs)."""
+    received: list[tuple[int, float]] = []
+    previous = {s: signal.signal(s, lambda signum, _: received.append((signum, time.monotonic())))
+                for s in STOP_SIGNALS}
+    prctl = _prctl()
+    try:
+        if prctl is not None:
+            prctl(PR_SET_CHILD_SUBREAPER, 1)  # ranks orphaned by a killed agent become ours to reap
+        proc = subprocess.Popen(cmd, env={**env, "CODEGEEX_LAUNCHER_PID": str(os.getpid())}, start_new_session=True,
+                                preexec_fn=(lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)) if prctl else None)
+        try:
+            return _watch(proc, received, status, ranks_are_children, poll_s)
+        except BaseException:
+            _kill_all(proc, signal.SIGKILL, status)
+            raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(proc: subprocess.Popen[bytes], received: list[tuple[int, float]], status: Path | None,
+           ranks_are_children: bool, poll_s: float) -> int:
+    first: tuple[int, float] | None = None
+    signalled: set[int] = set()
+    seen = 0
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rc = proc.wait(timeout=poll_s)
+            if first is not None:
+                log.info("stopped by %s: the launcher exited %d%s", signal.Signals(first[0]).name, rc,
+                         " (every rank saved and exited)" if rc == 0 else "")
+            return rc if rc >= 0 else 128 - rc
+        for signum, at in received[seen:]:
+            seen += 1
+            name = signal.Signals(signum).name
+            if first is None:
+                first = (signum, at)
+                signalled = _forward(proc, signum, ranks_are_children)
+                log.warning("%s: every rank stops after its current step and saves; send it again (after %.0f s) to "
+                            "stop at once, without a checkpoint", name, REPEAT_S)
+            elif at - first[1] >= REPEAT_S:
+                log.warning("%s again: stopping at once, without a checkpoint of the step in flight", name)
+                return _kill_all(proc, signum, status)
+        if first is not None and ranks_are_children and _ranks(proc) - signalled:
+            log.warning("ranks started after the stop (a restart, after a rank failed while stopping): stopping at "
+                        "once")
+            return _kill_all(proc, first[0], status)
+
+
+def _ranks(proc: subprocess.Popen[bytes]) -> set[int]:
+    """The pids of the launcher command's live children: its ranks."""
+    pids = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.add(child.pid)
+    return pids
+
+
+def _forward(proc: subprocess.Popen[bytes], signum: int, ranks_are_children: bool) -> set[int]:
+    """Send ``signum`` to every rank (to the launcher command itself when its ranks are not its children, or when
+    it has none yet: nothing to save); returns the pids signalled."""
+    targets = (_ranks(proc) if ranks_are_children else set()) or {proc.pid}
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    return targets
+
+
+def _kill_all(proc: subprocess.Popen[bytes], signum: int, status: Path | None) -> int:
+    """Stop at once: kill the launcher command (it restarts nothing now), pass ``signum`` to the ranks (rank 0 marks
+    status.json), SIGKILL what is left after ``KILL_GRACE_S``, reap, and mark status.json killed if it still says
+    running. Returns 128 + ``signum``."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        ranks = psutil.Process(proc.pid).children()
+    except psutil.Error:
+        tree, ranks = [], []
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for rank in ranks:
+        with contextlib.suppress(psutil.Error):
+            rank.send_signal(signum)
+    if _wait_gone(tree, KILL_GRACE_S):
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _wait_gone(tree, 10.0)
+    if status is not None and mark_killed(status, signum):
+        log.warning("%s: killed (no rank marked it)", status)
+    return 128 + signum
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` for ``procs`` to end, reaping those that are ours (orphans come to this subreaper);
+    returns the ones still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p.pid, os.WNOHANG)
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)

@@ -1,22 +1,37 @@
-"""``codegeex plan --validate CONFIG --world-size N``: build the job as N ranks would, on one machine.
+"""Launch-time validation: :func:`check_job`, the one function behind ``codegeex launch ...`` (before anything is
+started or submitted, ``--dry-run`` too) and ``codegeex plan --validate CONFIG --world-size N``.
 
-torch's fake process group stands in for the N ranks (collectives return at once) and the model lives on the meta
-device (shapes without memory), so a 13B model on 1,536 ranks is checked in seconds: the configuration, the process
-groups every rank creates, global batch = micro-batch x accumulation x DP, the model's tensor-parallel shapes, one
-forward and backward at the data's sequence length, and the data sources.
+It checks what the launcher knows (:class:`launch.job_checks.World`: nodes x ranks per node) against the
+configuration: world size against tp, the tensor-parallel splits, global batch = micro-batch x accumulation x DP,
+the data stores and their tokenizer present and readable, the checkpoint and run directories writable or creatable,
+the planner's memory per rank against the device of ``--gpu``. Then, when all of that holds, it builds the job as
+the ranks would: torch's fake process group stands in for them (collectives return at once) and the model lives on
+the meta device (shapes without memory), so a 13B model on 1,536 ranks is checked in seconds: the process groups
+every rank creates, the model's tensor-parallel shapes, one forward and backward at the data's sequence length.
+Every problem found is reported, one line each (:class:`launch.job_checks.JobRefused`, exit code 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from common.config import ConfigError
-from common.contracts import MANIFEST, load_store_manifest
+from common.devices import Device
+from launch.job_checks import (
+    JobRefused,
+    World,
+    data_problems,
+    directory_problems,
+    memory_check,
+    plural,
+    structure_problems,
+    window_problems,
+    with_precision,
+)
 
 
 def _ranks_to_check(world: int, tp: int) -> list[int]:
@@ -24,24 +39,10 @@ def _ranks_to_check(world: int, tp: int) -> list[int]:
     return sorted({*range(min(tp, world)), world - 1})
 
 
-def _data_window(cfg: Any) -> tuple[int, list[str]]:
-    notes, seq = [], 0
-    for src in cfg.data.sources:
-        if not (Path(src.path) / MANIFEST).is_file():
-            notes.append(f"data source {src.path}: no manifest.json yet (built later?)")
-            continue
-        meta = load_store_manifest(src.path)
-        seq = max(seq, meta.seq_len)
-        vocab = meta.tokenizer.vocab_size
-        if vocab > cfg.model.vocab_size:
-            raise ConfigError(f"data source {src.path}: tokenizer vocabulary ({vocab}) exceeds model.vocab_size "
-                              f"({cfg.model.vocab_size})")
-    return seq or cfg.model.max_position_embeddings, notes
-
-
 def _rank_dry_run(cfg: Any, rank: int, world: int, seq: int) -> dict[str, Any]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from megatron_code.attention import MaskInfo
     from megatron_code.deepspeed_glue import deepspeed_config
     from megatron_code.model import CodeGeeXModel
     from megatron_code.objectives import vocab_parallel_cross_entropy
@@ -51,18 +52,12 @@ def _rank_dry_run(cfg: Any, rank: int, world: int, seq: int) -> dict[str, Any]:
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     pc = build_parallel_context(cfg.tp)
-    cfg.model.check_tensor_parallel(pc.tp_size)
-    ds = deepspeed_config(cfg, pc.dp_size)
-    if cfg.model.sequence_parallel and pc.tp_size > 1 and seq % pc.tp_size:
-        raise ConfigError(f"model.sequence_parallel splits the sequence ({seq}) over tp ({pc.tp_size}): it must "
-                          "divide it")
+    ds = deepspeed_config(cfg, pc.dp_size, cuda=False)
     with torch.device("meta"):  # sequence parallelism changes no shape here; its buffers cannot live on meta
         model = CodeGeeXModel(dataclasses.replace(cfg.model, sequence_parallel=False), pc)
         b = cfg.micro_batch_size
         tokens = torch.zeros(b, seq, dtype=torch.long)  # (B, T)
         positions = torch.arange(seq).expand(b, seq)  # (B, T)
-        from megatron_code.attention import MaskInfo
-
         logits, _ = model(tokens, positions, MaskInfo(torch.zeros(b, seq, dtype=torch.long)))  # (B, T, V/tp)
         expected = (b, seq, cfg.model.vocab_size // pc.tp_size)
         if tuple(logits.shape) != expected:
@@ -76,37 +71,58 @@ def _rank_dry_run(cfg: Any, rank: int, world: int, seq: int) -> dict[str, Any]:
             "accumulation": ds["gradient_accumulation_steps"], "zero_stage": ds["zero_optimization"]["stage"]}
 
 
-def validate_job(config: str, world: int, overrides: list[str]) -> str:
-    """Every check, or a ConfigError naming the first that fails; returns a report."""
-    from launch.planner import GIB
-    from megatron_code.flops import memory_per_rank
-    from megatron_code.train_config import PRECISION_DTYPES, load_train_config, resolve_precision
-
-    cfg = load_train_config(config, overrides)
-    resolve_precision(cfg, torch.cuda.is_available())
-    if world % cfg.tp:
-        raise ConfigError(f"world size ({world}) must be a multiple of tp ({cfg.tp})")
-    seq, notes = _data_window(cfg)
-    if seq > cfg.model.max_position_embeddings:
-        raise ConfigError(f"the data's seq_len ({seq}) exceeds model.max_position_embeddings "
-                          f"({cfg.model.max_position_embeddings})")
+def _shape_report(cfg: Any, world: World, seq: int) -> list[str]:
+    """Build the job on fake process groups for the ranks that differ; raises ConfigError naming the rank."""
     try:
-        rows = [_rank_dry_run(cfg, r, world, seq) for r in _ranks_to_check(world, cfg.tp)]
+        rows = [_rank_dry_run(cfg, r, world.size, seq) for r in _ranks_to_check(world.size, cfg.tp)]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    dp = world // cfg.tp
-    mem = memory_per_rank(cfg.model, cfg.tp, dp, cfg.zero_stage if dp > 1 else 0, cfg.micro_batch_size, seq,
-                          PRECISION_DTYPES[cfg.precision.dtype], cfg.activation_checkpointing,
-                          cfg.model.sequence_parallel and cfg.tp > 1)
-    lines = [f"{config}: valid for {world} ranks = TP {cfg.tp} x DP {dp}; global batch "
-             f"{cfg.data.global_batch_size} = micro-batch {cfg.micro_batch_size} x accumulation "
-             f"{rows[0]['accumulation']} x DP {dp}; sequence {seq}; ZeRO stage {rows[0]['zero_stage']}",
-             f"tensor-parallel groups: [0..{cfg.tp - 1}], [{cfg.tp}..{2 * cfg.tp - 1}], ... ({dp} groups); "
-             f"data-parallel groups: [0, {cfg.tp}, {2 * cfg.tp}, ...] ({cfg.tp} groups)"]
+    dp, tp = world.size // cfg.tp, cfg.tp
+    lines = [f"global batch {cfg.data.global_batch_size} = micro-batch {cfg.micro_batch_size} x accumulation "
+             f"{rows[0]['accumulation']} x DP {dp}; sequence {seq}; ZeRO stage {rows[0]['zero_stage']}; "
+             f"precision {cfg.precision.dtype}",
+             f"tensor-parallel groups: [0..{tp - 1}], [{tp}..{2 * tp - 1}], ... ({dp} groups); "
+             f"data-parallel groups: [0, {tp}, {2 * tp}, ...] ({tp} groups)"]
     lines += [f"  rank {r['rank']:>5} (tp {r['tp_rank']}, dp {r['dp_rank']}): {r['parameters']:,} parameters, forward "
               "and backward shapes OK" for r in rows]
-    lines.append(f"predicted memory per rank: {mem.total / GIB:.1f} GiB (parameters {mem.parameters / GIB:.1f}, "
-                 f"gradients {mem.gradients / GIB:.1f}, optimizer {mem.optimizer / GIB:.1f}, activations "
-                 f"{mem.activations / GIB:.1f}, logits {mem.transient / GIB:.1f})")
-    return "\n".join(lines + notes)
+    return lines
+
+
+def check_job(cfg: Any, world: World, *, name: str, device: Device | None = None, force: bool = False) -> str:
+    """Every check of a training job about to run on ``world``; returns the report, or raises
+    :class:`JobRefused` listing every problem found (the model's shapes are built only when nothing else is wrong).
+    ``cfg`` is not changed (the precision is settled on a copy, as the ranks will: bf16 by default on GPUs).
+    ``device``: memory above its own is refused unless ``force``."""
+    cfg = with_precision(cfg, world.gpus)
+    files, seq = data_problems(cfg)
+    seq = seq or cfg.model.max_position_embeddings
+    problems = structure_problems(cfg, world) + files + window_problems(cfg, seq) + directory_problems(cfg)
+    memory, over = memory_check(cfg, world, seq, device, force)
+    problems += over
+    lines = [f"{name}: valid for {plural(world.size, 'rank')} ({world.described}) = TP {cfg.tp} x DP {world.size // max(1, cfg.tp)}"]
+    if not problems:  # the shapes (the slow part, seconds for a 13B), once everything else holds
+        try:
+            lines += _shape_report(cfg, world, seq)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise JobRefused(f"{name} on {plural(world.size, 'rank')} ({world.described})", problems)
+    return "\n".join([*lines, memory])
+
+
+def validate_job(config: str, world: int | World, overrides: list[str], device: Device | None = None,
+                 force: bool = False) -> str:
+    """``codegeex plan --validate``: :func:`check_job` for ``world`` ranks (an int: ``--world-size N``, nodes of
+    ``device.per_node`` when a device is given, GPUs then)."""
+    from megatron_code.train_config import load_train_config
+
+    cfg = load_train_config(config, overrides)
+    if isinstance(world, int):
+        if world < 1:
+            raise ConfigError(f"--world-size ({world}) must be at least 1")
+        per_node = device.per_node if device and world > device.per_node else world
+        nodes = -(-world // per_node)
+        world = World(world, per_node, device is not None, f"--world-size {world}",
+                      f"{device.name}'s {per_node} per node" if device and nodes > 1 else "")
+    return check_job(cfg, world, name=config, device=device, force=force)

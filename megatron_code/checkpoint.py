@@ -43,6 +43,7 @@ from common.contracts import (
     load_checkpoint_manifest,
     write_manifest,
 )
+from common.integrity import FileRecord, list_files, record, require
 from common.io import DIR_MODE, FILE_MODE, make_shared, write_bytes_atomic, write_text_atomic
 from common.revision import git_revision
 from megatron_code.config import ModelConfig
@@ -83,9 +84,11 @@ def new_manifest(cfg: ModelConfig, tensors: dict[str, TensorSpec], tp_size: int,
 
 
 def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, tokenizer: TokenizerRecord | None = None,
-                    pairs: PairLayout | None = None, objective: str | None = None) -> None:
+                    pairs: PairLayout | None = None, objective: str | None = None, seal: bool = True) -> None:
     """Write this rank's shard (data-parallel rank 0 of each TP group) and, on global rank 0, the manifest and a copy
-    of the tokenizer (:func:`carry_tokenizer`: ``tokenizer.path`` is absolute or relative to the working directory)."""
+    of the tokenizer (:func:`carry_tokenizer`: ``tokenizer.path`` is absolute or relative to the working directory).
+    Every rank calls it. ``seal``: then record every file's size and digest in the manifest (after a barrier, on
+    rank 0); the trainer seals its checkpoints itself, with digests computed by the ranks that wrote the files."""
     path = Path(path)
     pc = model.pc
     if pc.dp_rank == 0:
@@ -99,6 +102,11 @@ def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, token
         record = carry_tokenizer(path, tokenizer)
         write_manifest(path, new_manifest(model.cfg, tensor_specs(model), pc.tp_size, step, record, pairs, objective),
                        FILE_MODE)
+    if seal:
+        if pc.world_size > 1:
+            torch.distributed.barrier()
+        if pc.rank == 0:
+            seal_model_dir(path)
 
 
 def carry_tokenizer(directory: Path, record: TokenizerRecord | None,
@@ -195,7 +203,7 @@ def model_config(manifest: CheckpointManifest) -> ModelConfig:
     return load_config(ModelConfig, values=manifest.model)
 
 
-def _slice(spec: TensorSpec, old_tp: int, new_tp: int, rank: int,
+def tp_slice(spec: TensorSpec, old_tp: int, new_tp: int, rank: int,
            read: Callable[[int, tuple[slice, ...]], Tensor]) -> Tensor:
     """Rank ``rank``'s piece under ``new_tp`` of a tensor stored as ``old_tp`` shards; read(shard, index)."""
     dim = spec.partition_dim
@@ -222,20 +230,47 @@ def reshard(shards: list[dict[str, Tensor]], specs: dict[str, TensorSpec], new_t
     def reader(name: str) -> Callable[[int, tuple[slice, ...]], Tensor]:
         return lambda k, idx: shards[k][name][idx]
 
-    return [{name: _slice(spec, old_tp, new_tp, r, reader(name)) for name, spec in specs.items()} for r in range(new_tp)]
+    return [{name: tp_slice(spec, old_tp, new_tp, r, reader(name)) for name, spec in specs.items()} for r in range(new_tp)]
 
 
 def load_shard(path: str | Path, tp_rank: int, tp_size: int) -> dict[str, Tensor]:
-    """The state of rank ``tp_rank`` under ``tp_size``, reading only the slices it needs."""
+    """The state of rank ``tp_rank`` under ``tp_size``, reading only the slices it needs, from shard files checked
+    against the manifest's sizes and digests first (:func:`verify_model_files`)."""
     path = Path(path)
     manifest = read_manifest(path)
     old_tp = manifest.tp_size
+    # the old shards this rank reads: shard 0 (replicated tensors) and those its slice of a split tensor overlaps
+    needed = [k for k in range(old_tp) if k == 0 or (k * tp_size < (tp_rank + 1) * old_tp
+                                                     and (k + 1) * tp_size > tp_rank * old_tp)]
+    verify_model_files(path, manifest, [shard_name(k, old_tp) for k in needed])
     handles = [safe_open(str(path / shard_name(k, old_tp)), framework="pt") for k in range(old_tp)]
 
     def reader(name: str) -> Callable[[int, tuple[slice, ...]], Tensor]:
         return lambda k, idx: handles[k].get_slice(name)[idx] if idx else handles[k].get_tensor(name)
 
-    return {name: _slice(spec, old_tp, tp_size, tp_rank, reader(name)) for name, spec in manifest.tensors.items()}
+    return {name: tp_slice(spec, old_tp, tp_size, tp_rank, reader(name)) for name, spec in manifest.tensors.items()}
+
+
+_unverified_warned: set[str] = set()
+
+
+def verify_model_files(path: Path, manifest: CheckpointManifest, names: list[str] | None = None) -> None:
+    """Check the model directory's files (``names``, default all) against the sizes and digests its manifest
+    lists; CorruptCheckpointError naming each bad file. A manifest from before checksums lists none: a warning."""
+    if not manifest.files:
+        if str(path) not in _unverified_warned:
+            _unverified_warned.add(str(path))
+            log.warning("%s: written before checkpoints carried checksums: its files are not verified", path)
+        return
+    require(path, manifest.files, names)
+
+
+def seal_model_dir(path: Path, records: dict[str, FileRecord] | None = None) -> None:
+    """Record every file of model directory ``path`` (but manifest.json) in its manifest with size and digest;
+    ``records``: digests already computed (by the ranks that wrote the files), the others are computed here."""
+    records = records or {}
+    files = {name: records.get(name) or record(path / name) for name in list_files(path, skip=[MANIFEST])}
+    write_manifest(path, dataclasses.replace(read_manifest(path), files=files), FILE_MODE)
 
 
 def load_checkpoint(path: str | Path, model: CodeGeeXModel) -> CheckpointManifest:
@@ -310,6 +345,7 @@ def write_full_state(path: str | Path, manifest: CheckpointManifest, state: dict
             save_file({k: v.contiguous() for k, v in shard.items()}, str(tmp / shard_name(r, tp)))
         record = manifest.tokenizer if tokenizer is None else carry_tokenizer(tmp, manifest.tokenizer, tokenizer)
         write_manifest(tmp, dataclasses.replace(manifest, tp_size=tp, tokenizer=record))
+        seal_model_dir(tmp)
         make_shared(tmp)
         if path.exists():
             shutil.rmtree(path)

@@ -33,12 +33,17 @@ class ParallelContext:
     device: torch.device = torch.device("cpu")  # where this rank computes and where its collectives' tensors live
 
 
+_TIMEOUT: datetime.timedelta | None = None  # the process group's: new groups get it too (torch gives them its default)
+
+
 def ensure_process_group(timeout: datetime.timedelta | None = None) -> None:
     """Initialise torch.distributed from the launcher's environment (torchrun, deepspeed, srun), or as a single
-    gloo rank when run alone. ``timeout`` bounds every collective."""
+    gloo rank when run alone. ``timeout`` bounds every collective, also those of the groups made after it
+    (:func:`build_parallel_context`: ``new_group`` alone would give them torch's default, 30 minutes on gloo)."""
+    global _TIMEOUT
     if dist.is_initialized():
         return
-    timeout = timeout or datetime.timedelta(minutes=30)
+    timeout = _TIMEOUT = timeout or datetime.timedelta(minutes=30)
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without torchrun: map SLURM's variables
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
@@ -77,12 +82,12 @@ def build_parallel_context(tp_size: int = 1) -> ParallelContext:
     tp_group = dp_group = None
     for g in range(dp_size):  # every rank creates every group, in the same order
         ranks = list(range(g * tp_size, (g + 1) * tp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=_TIMEOUT)
         if rank in ranks:
             tp_group = group
     for t in range(tp_size):
         ranks = list(range(t, world, tp_size))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=_TIMEOUT)
         if rank in ranks:
             dp_group = group
     return ParallelContext(tp_size, rank % tp_size, dp_size, rank // tp_size, tp_group, dp_group, rank, world,

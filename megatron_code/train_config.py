@@ -61,7 +61,33 @@ class CheckpointConfig:
     dir: str = option("", "checkpoint root (default: RUN_DIR/checkpoints)")
     interval: int = option(100, "save every this many steps (and at the end)")
     keep: int = option(3, "keep the newest this many checkpoints")
-    resume: str = option("auto", "auto: continue from the latest checkpoint if any; none: start fresh; or a path")
+    resume: str = option("auto", "auto: continue from the newest intact checkpoint if any (a corrupt one is skipped, "
+                         "saying so); none: start fresh; or a path (verified: a corrupt file is an error)")
+    elastic: bool = option(True, "also save the optimizer state per parameter in the model's TP layout (about the "
+                           "size of DeepSpeed's optimizer files), so that the run can resume on another TP or DP size")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging from rank 0 (megatron_code/observe.py): every metrics.jsonl line, the resolved config
+    once; a resumed run continues the same W&B run (its id is kept in RUN_DIR/wandb-run-id)."""
+
+    mode: Literal["disabled", "offline", "online"] = option(
+        "disabled", "disabled: no W&B; offline: write the run under DIR/wandb/ with no network (`wandb sync` it "
+        "later); online: stream it to the W&B server (needs `wandb login` or WANDB_API_KEY)")
+    project: str = option("codegeex", "W&B project")
+    entity: str = option("", "W&B entity (team or user; empty: the account's default)")
+    name: str = option("", "W&B run name (empty: the run directory's name)")
+    tags: list[str] = option([], "W&B run tags")
+    dir: str = option("", "W&B writes its files under DIR/wandb/ (empty: RUN_DIR, so RUN_DIR/wandb/)")
+
+    def validate(self) -> None:
+        import importlib.util
+
+        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"log.wandb.mode is {self.mode} but the wandb package is not installed: "
+                              "`.venv/bin/pip install wandb` (or `pip install -e '.[train]'`, which includes it), "
+                              "or set log.wandb.mode=disabled")
 
 
 @dataclass
@@ -71,6 +97,11 @@ class LogConfig:
     interval: int = option(10, "log every this many steps")
     tensorboard: bool = option(True, "also write TensorBoard events under RUN_DIR/tensorboard")
     peak_tflops: float = option(0.0, "the device's peak TFLOP/s for MFU (0: from the device table; none on CPU)")
+    wandb: WandbConfig = option(WandbConfig, "Weights & Biases")
+    rank_step_times: bool = option(True, "on logging steps, gather every rank's step time (one all-gather) into "
+                                   "step_time_min_s/_median_s/_max_s and slowest_rank")
+    straggler_ratio: float = option(1.2, "log a warning when the slowest rank's step time is above this times the "
+                                    "median's (0: never)")
 
 
 @dataclass
@@ -82,6 +113,10 @@ class ValidationConfig:
     batches: int = option(4, "global batches per validation")
 
 
+# the phases of a checkpoint save, in order (megatron_code/train_checkpoint.py; faults.kill_in_save)
+SAVE_PHASES = ("model", "deepspeed", "optimizer", "rng", "trainer", "checksums", "replace", "latest", "prune")
+
+
 @dataclass
 class FaultConfig:
     """Fault handling and injection (for tests and drills)."""
@@ -90,6 +125,53 @@ class FaultConfig:
     collective_timeout_minutes: float = option(30.0, "timeout of every collective; the error names rank and op")
     inject_nan_steps: list[int] = option([], "make the loss NaN at these steps (fault drills)")
     exit_after_step: int = option(0, "stop the process abruptly after this step (fault drills; 0: never)")
+    hang_at_step: int = option(0, "fault drill: at the start of this step the ranks in faults.hang_ranks sleep for "
+                               "faults.hang_seconds before reading their batch, as a rank stuck in its data would "
+                               "(shorter than the collective timeout: a straggler; longer: a hang); 0: never")
+    hang_ranks: list[int] = option([0], "the ranks that faults.hang_at_step stops")
+    hang_seconds: float = option(3600.0, "how long faults.hang_at_step sleeps")
+    flight_recorder: bool = option(True, "a watchdog thread per rank writes RUN_DIR/flight/rank-R.json (step, "
+                                   "phase, recent phases, Python stacks) when the rank makes no progress for half "
+                                   "the collective timeout, and ends a rank still stuck at 1.5 times it (exit code "
+                                   "124); on GPUs also NCCL's flight recorder, dumped to RUN_DIR/flight/nccl-rank-R "
+                                   "on a collective timeout")
+    kill_in_save: str = option("", "SIGKILL a rank at this phase of every checkpoint save (fault drills): model, "
+                               "deepspeed, optimizer, rng, trainer, checksums, replace, latest or prune; '': never")
+
+
+@dataclass
+class ProfileConfig:
+    """Profiling windows (megatron_code/observe.py): torch.profiler traces and CUDA allocator snapshots."""
+
+    steps: list[int] = option([], "[first, last]: run torch.profiler over these steps (inclusive; CPU activities, "
+                              "and CUDA on GPUs) and write DIR/rank-R.steps-FIRST-LAST.pt.trace.json.gz (Chrome "
+                              "trace: Perfetto, chrome://tracing, TensorBoard); []: off")
+    ranks: list[int] = option([0], "the ranks that profile and take memory snapshots")
+    dir: str = option("", "where traces and snapshots go (empty: RUN_DIR/profile)")
+    record_shapes: bool = option(False, "record operator input shapes in the trace (larger traces, more overhead)")
+    memory_snapshot_steps: list[int] = option(
+        [], "CUDA: record the allocator's history during each of these steps and dump DIR/memory-rank-R-step-N.pickle "
+        "after it (open at pytorch.org/memory_viz); without CUDA a logged skip, not an error (the config is "
+        "checked on hosts without GPUs)")
+    memory_snapshot_entries: int = option(100_000, "allocation events kept in a memory snapshot")
+
+    def check(self, train_steps: int) -> None:
+        """The windows against the run's length: a window past train_steps or reversed names both values."""
+        if self.steps:
+            if len(self.steps) != 2:
+                raise ConfigError(f"profile.steps ({self.steps}) must be [first, last] (two steps) or []")
+            first, last = self.steps
+            if first < 1 or first > last:
+                raise ConfigError(f"profile.steps: first ({first}) must be at least 1 and at most last ({last})")
+            if last > train_steps:
+                raise ConfigError(f"profile.steps: last ({last}) is past train_steps ({train_steps})")
+        outside = [s for s in self.memory_snapshot_steps if not 1 <= s <= train_steps]
+        if outside:
+            raise ConfigError(f"profile.memory_snapshot_steps {outside} outside the run's steps 1..{train_steps} "
+                              "(train_steps)")
+        if any(r < 0 for r in self.ranks) or self.memory_snapshot_entries < 1:
+            raise ConfigError(f"profile.ranks ({self.ranks}) must be ranks (>= 0) and profile.memory_snapshot_entries "
+                              f"({self.memory_snapshot_entries}) positive")
 
 
 @dataclass
@@ -129,6 +211,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = option(CheckpointConfig, "checkpoints")
     log: LogConfig = option(LogConfig, "logging")
     faults: FaultConfig = option(FaultConfig, "fault handling")
+    profile: ProfileConfig = option(ProfileConfig, "profiler and memory-snapshot windows")
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -141,6 +224,9 @@ class TrainConfig:
         if self.train_steps < 1 or self.micro_batch_size < 1:
             raise ValueError(f"train_steps ({self.train_steps}) and micro_batch_size ({self.micro_batch_size}) "
                              "must be positive")
+        self.profile.check(self.train_steps)
+        if self.faults.kill_in_save and self.faults.kill_in_save not in SAVE_PHASES:
+            raise ValueError(f"faults.kill_in_save ({self.faults.kill_in_save!r}) must be one of {', '.join(SAVE_PHASES)}")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -2,8 +2,8 @@
 
 Every step: each data-parallel rank reads its slice of the global batch from the sampler (tensor-parallel ranks of a
 group read the same), runs ``accumulation`` micro-batches through the engine, and DeepSpeed steps (skipping, and
-counting, a step whose gradients hold NaN or Inf). Signals (SIGTERM, SIGUSR1) are agreed across ranks and end the
-run after the current step with a checkpoint and exit code 0.
+counting, a step whose gradients hold NaN or Inf). Signals (SIGTERM, SIGINT, SIGUSR1: :class:`StopSignal`) are
+agreed across ranks and end the run after the current step with a checkpoint and exit code 0.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import torch.distributed as dist
 from common.config import to_dict
 from common.devices import peak_tflops_for_cuda_name
 from common.io import write_text_atomic
-from common.logs import progress
+from common.logs import adopt_library_loggers, progress
 from common.revision import git_revision
-from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState, SourceConfig
+from data_pipeline.sampler import DataSampler, SamplerConfig, SourceConfig
+from megatron_code.checkpoint import load_parameters, load_shard
 from megatron_code.deepspeed_glue import (
     MPUAdapter,
     client_optimizer,
@@ -51,9 +52,17 @@ from megatron_code.objectives import (
     prepare_batch,
     vocab_parallel_cross_entropy,
 )
+from megatron_code.observe import Observer, prepare_process_group
 from megatron_code.parallel import ParallelContext, build_parallel_context, ensure_process_group
+from megatron_code.run_lock import RunLock, StopSignal, launch_rank
 from megatron_code.stage2 import fill_separated_ids, init_from_checkpoint
-from megatron_code.train_checkpoint import find_latest, load_training_checkpoint, save_training_checkpoint
+from megatron_code.train_checkpoint import (
+    ResumePlan,
+    choose_resume,
+    needs_elastic,
+    resume_point,
+    save_training_checkpoint,
+)
 from megatron_code.train_config import TrainConfig, resolve_precision
 
 log = logging.getLogger("codegeex.train")
@@ -117,19 +126,6 @@ class Metrics:
                 self.tb.close()
 
 
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1; ranks agree on it once per step, inside the step's one host read
-    (:func:`train_step`)."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-
 def _peak_tflops(cfg: TrainConfig) -> float:
     if cfg.log.peak_tflops > 0:
         return cfg.log.peak_tflops
@@ -138,10 +134,13 @@ def _peak_tflops(cfg: TrainConfig) -> float:
     return 0.0
 
 
-def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSampler]:
-    """Process groups, model, DeepSpeed engine and sampler; every check before any work."""
+def build(cfg: TrainConfig, plan: ResumePlan | None = None) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSampler]:
+    """Process groups, model, DeepSpeed engine and sampler; every check before any work. ``plan``: filled with the
+    checkpoint to resume from (verified; :func:`choose_resume`)."""
     import deepspeed
 
+    adopt_library_loggers()  # DeepSpeed's own handler (installed at import) gives way to ours
+    prepare_process_group(cfg)  # NCCL's flight recorder is configured before the group exists
     ensure_process_group(datetime.timedelta(minutes=cfg.faults.collective_timeout_minutes))
     pc = build_parallel_context(cfg.tp)
     cfg.model.check_tensor_parallel(pc.tp_size)
@@ -150,17 +149,21 @@ def build(cfg: TrainConfig) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSa
     sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
     fill_separated_ids(cfg.model, sampler.sources[0].store.manifest)
     torch.manual_seed(cfg.seed)
-    resuming = cfg.checkpoint.resume != "none" and (cfg.checkpoint.resume != "auto"
-                                                    or find_latest(cfg.checkpoint_dir) is not None)
+    plan = plan if plan is not None else ResumePlan()
+    plan.path = choose_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
+    stage = ds_config["zero_optimization"]["stage"]
+    plan.elastic = plan.path is not None and needs_elastic(plan.path, pc, stage)
+    resuming = plan.path is not None
     # no random draw for weights about to be loaded (a resume, or stage 2's init_from); on the GPU when there is one
     model = CodeGeeXModel(cfg.model, pc, initialize=not (resuming or cfg.init_from))
+    if plan.path is not None and plan.elastic:  # DeepSpeed's files do not fit this layout: the model's do, resharded
+        load_parameters(model, load_shard(plan.path / "model", pc.tp_rank, pc.tp_size), str(plan.path / "model"))
     if cfg.init_from and not resuming:
         init_from_checkpoint(model, cfg.init_from)  # stage 2: a fresh optimizer and schedule over these weights
         log.info("weights from %s (embedding separation: %s)", cfg.init_from, cfg.model.embedding_separation)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model = model.to(pc.device)
     groups = parameter_groups(model, cfg.optim.weight_decay)
-    stage = ds_config["zero_optimization"]["stage"]
     optimizer = client_optimizer(cfg, groups, guard=stage == 0 and cfg.precision.dtype == "fp32")
     prepare_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
@@ -283,19 +286,6 @@ class Throughput:
         return out
 
 
-def resume_point(cfg: TrainConfig, engine: Any, sampler: DataSampler) -> tuple[int, int]:
-    """Restore the checkpoint the run continues from (``checkpoint.resume``) into the engine and sampler; returns
-    (its step, the steps skipped so far), (0, 0) when the run starts fresh."""
-    resume = None if cfg.checkpoint.resume == "none" else (
-        find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
-    if resume is None:
-        return 0, 0
-    state = load_training_checkpoint(resume, engine)
-    sampler.state = SamplerState.from_dict(state["sampler"])
-    log.info("resumed from %s at step %d", resume, state["step"])
-    return state["step"], state["skipped_steps"]
-
-
 def step_values(engine: Any, result: StepResult, skipped_total: int, logging_step: bool) -> dict[str, Any]:
     """A step's metrics: loss, learning rate, gradient norm, loss scale, skipped steps so far. With ZeRO the norm is
     DeepSpeed's device tensor: read (a host sync) only on logging steps."""
@@ -317,14 +307,24 @@ def log_step(step: int, train_steps: int, last: dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
-    """Run (or resume) training; returns the last step's metrics."""
-    pc, model, engine, sampler = build(cfg)
+    """Run (or resume) training; returns the last step's metrics. Rank 0 holds the run directory's lock
+    (:class:`RunLock`: a second live job is refused before anything is built) until training ends; SIGTERM, SIGINT
+    and SIGUSR1 stop it after a step with a checkpoint (:class:`StopSignal`)."""
+    rank0 = launch_rank() == 0
+    with RunLock(Path(cfg.run_dir), hold=rank0), StopSignal(Path(cfg.run_dir) / "status.json" if rank0 else None) as stop:
+        return _train(cfg, command, stop)
+
+
+def _train(cfg: TrainConfig, command: list[str], stop: StopSignal) -> dict[str, Any]:
+    """:func:`train` inside the run lock and the signal handlers."""
+    plan = ResumePlan()
+    pc, model, engine, sampler = build(cfg, plan)
     objective = make_objective(cfg, [(sc.path, s.store.manifest) for s, sc in zip(sampler.sources, cfg.data.sources)])
     device = pc.device
     accumulation = cfg.accumulation(pc.dp_size)
-    start, skipped_total = resume_point(cfg, engine, sampler)
+    start, skipped_total = resume_point(plan, engine, model, sampler)
     metrics = Metrics(cfg, pc.rank, start)
-    stop = StopSignal()
+    obs = Observer(cfg, model, pc, start)  # W&B, profiler, per-rank step times, flight recorder (observe.py)
     if pc.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
@@ -335,8 +335,11 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     last: dict[str, Any] = {}
     bar = progress(total=cfg.train_steps, initial=start, desc="train", unit="step", disable=pc.rank != 0)
     for step in range(start + 1, cfg.train_steps + 1):
+        obs.begin(step)
         micros = [prepare_batch(m, device, objective) for m in _micro_batches(sampler.next_batch(), accumulation)]
+        obs.entering()
         result = train_step(engine, pc, micros, stop.received, nan=step in cfg.faults.inject_nan_steps)
+        obs.returned()
         skipped_total += int(result.skipped)
         consecutive = consecutive + 1 if result.skipped else 0
         if consecutive >= cfg.faults.max_consecutive_skipped:
@@ -347,19 +350,24 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
         last = step_values(engine, result, skipped_total, logging_step)
         if logging_step:
             last.update(speed.report())
+            last.update(obs.step_times(step))  # every rank: one all-gather
             log_step(step, cfg.train_steps, last)
         if cfg.validation.path and step % cfg.validation.interval == 0:
+            obs.phase("validation")
             last["validation_loss"] = validation_loss(cfg, engine, pc, device, objective)
             log.info("step %d validation loss %.4f", step, last["validation_loss"])
         metrics.write(step, last)
+        obs.write(step, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         stopping = result.stop
         if step % cfg.checkpoint.interval == 0 or step == cfg.train_steps or stopping:
+            obs.phase("checkpoint")
             state = {"sampler": sampler.state_dict(), "skipped_steps": skipped_total, "config": to_dict(cfg),
                      "git_revision": git_revision(), "command": command}
             path = save_training_checkpoint(cfg.checkpoint_dir, step, engine, model, state, cfg.checkpoint.keep,
-                                            sampler.sources[0].store.manifest, objective.name)
+                                            sampler.sources[0].store.manifest, objective.name,
+                                            cfg.checkpoint.elastic, cfg.faults.kill_in_save or None)
             log.info("checkpoint %s", path)
         if stopping:
             log.info("signal %d received: saved at step %d, exiting", stop.received or signal.SIGTERM, step)
@@ -370,5 +378,6 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
             os._exit(17)  # a crash drill: no cleanup, no checkpoint
     bar.close()
     metrics.close()
+    obs.close()
     write_status(cfg, pc, "stopped" if stopped_at < cfg.train_steps else "completed", stopped_at)
     return last

@@ -249,3 +249,96 @@ def test_killed_build_resumes_with_nothing_lost_or_duplicated(tokenizer_model, t
     assert shard_bytes(killed) == shard_bytes(tmp_path / "clean") and shard_bytes(killed)
     assert all(f.stat().st_mtime_ns == t for f, t in spooled.items())  # finished units were not redone
     assert len(list((killed / ".work").glob("unit-*.json"))) > len(spooled)
+
+
+def _plant_corrupt_inputs(root: Path) -> tuple[list[str], list[str], dict[str, tuple[dict[str, int], str]]]:
+    """Good files beside one corrupt file of every kind: (inputs, good texts, {corrupt file: (reasons, named)})."""
+    import gzip
+    import json
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.corpus import long_python
+
+    good = [long_python(100 + i, 12) for i in range(8)]
+    tree = root / "tree"
+    tree.mkdir(parents=True)
+    (tree / "good.py").write_text(good[0])
+    (tree / "latin1.py").write_bytes(b"s = 'caf\xe9'\n")  # undecodable bytes
+    (tree / "dangling.py").symlink_to(tree / "missing.py")  # stat fails: unreadable at listing
+    os.mkfifo(tree / "pipe.py")  # reading would block: not a regular file
+    (tree / "eio.py").symlink_to("/proc/self/mem")  # a regular file of size 0 whose read fails with EIO
+    lines = [json.dumps({"content": good[1], "language": "python"}), "{not json", "[1, 2]", json.dumps({"path": "x.py"}),
+             json.dumps({"content": good[2], "path": "b.py"})]
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    stream = gzip.compress("".join(json.dumps({"content": t, "path": "g.py"}) + "\n" for t in good[3:5]).encode()
+                           + b"".join(json.dumps({"content": f"x = {i}\n" * 40}).encode() + b"\n" for i in range(300)))
+    (root / "cut.jsonl.gz").write_bytes(stream[:len(stream) * 3 // 4])  # truncated: the lines before it are kept
+    pq.write_table(pa.table({"content": [long_python(200, 12), long_python(201, 12), good[5], good[6]],
+                             "path": ["a.py", "b.py", "c.py", "d.py"]}), root / "groups.parquet", row_group_size=2)
+    data = bytearray((root / "groups.parquet").read_bytes())
+    col = pq.ParquetFile(root / "groups.parquet").metadata.row_group(0).column(0)
+    first = col.dictionary_page_offset or col.data_page_offset
+    data[first:first + col.total_compressed_size] = b"\xab" * col.total_compressed_size  # row group 0's pages
+    (root / "groups.parquet").write_bytes(bytes(data))
+    (root / "garbage.parquet").write_bytes(b"PAR1 not really " * 8)
+    pq.write_table(pa.table({"content": [long_python(202, 12)] * 3}), root / "whole.parquet")
+    (root / "truncated.parquet").write_bytes((root / "whole.parquet").read_bytes()[:-40])
+    (root / "whole.parquet").unlink()
+    pq.write_table(pa.table({"body": ["x = 1\n", "y = 2\n"]}), root / "notext.parquet")
+    with zipfile.ZipFile(root / "members.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok/good.py", good[7])
+        zf.writestr("bad/broken.py", long_python(300, 40))
+    data = bytearray((root / "members.zip").read_bytes())
+    with zipfile.ZipFile(root / "members.zip") as zf:
+        info = zf.getinfo("bad/broken.py")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start:start + info.compress_size] = bytes(b ^ 0x55 for b in data[start:start + info.compress_size])
+    (root / "members.zip").write_bytes(bytes(data))
+    (root / "truncated.zip").write_bytes(bytes(data[:len(data) // 2]))
+    inputs = [str(tree)] + [str(root / n) for n in ("records.jsonl", "cut.jsonl.gz", "groups.parquet", "garbage.parquet",
+                                                    "truncated.parquet", "notext.parquet", "members.zip", "truncated.zip")]
+    u, m = "unreadable", "malformed_record"
+    expected = {
+        f"{tree}/dangling.py": ({u: 1}, "symbolic link to"),
+        f"{tree}/pipe.py": ({u: 1}, "not a regular file (a FIFO)"),
+        f"{tree}/eio.py": ({u: 1}, "symbolic link to /proc/self/mem: Input/output error"),
+        f"{tree}/latin1.py": ({"invalid_utf8": 1}, "byte 8: not UTF-8"),
+        f"{root}/records.jsonl": ({m: 3}, "line 2: invalid JSON"),
+        f"{root}/cut.jsonl.gz": ({u: 1}, "EOFError: Compressed file ended"),
+        f"{root}/groups.parquet": ({u: 2}, "row group 0: OSError"),
+        f"{root}/garbage.parquet": ({u: 1}, "magic bytes not found"),
+        f"{root}/truncated.parquet": ({u: 1}, "magic bytes not found"),
+        f"{root}/notext.parquet": ({m: 2}, "row group 0: no column 'content' (columns: body)"),
+        f"{root}/members.zip": ({u: 1}, "member bad/broken.py: error: Error -3 while decompressing"),
+        f"{root}/truncated.zip": ({u: 1}, "BadZipFile: File is not a zip file"),
+    }
+    return inputs, good, expected
+
+
+def test_corrupt_inputs_of_every_format_are_skipped_named_and_counted(tokenizer_model, tmp_path, caplog):
+    """One corrupt file of every kind beside good ones: each named (where and why) in a warning, the manifest and the
+    summary line, counted under its reason; every good document, and the good parts of the damaged files, built.
+    Unreadable as root (chmod does not stop it): a dangling link, a FIFO, and a link to /proc/self/mem (EIO)."""
+    inputs, good, expected = _plant_corrupt_inputs(tmp_path / "in")
+    with caplog.at_level("INFO"):
+        m = build(inputs, tokenizer_model, tmp_path / "out")
+    assert [c.file for c in m.corrupt_inputs] == sorted(expected)
+    for c in m.corrupt_inputs:
+        reasons, named = expected[c.file]
+        assert c.reasons == reasons and c.items == sum(reasons.values()) and named in c.first, c
+        assert f"corrupt input {c.file}: {c.items} item(s) skipped" in caplog.text and named in caplog.text
+    assert m.skips["unreadable"] == 10 and m.skips["malformed_record"] == 5 and m.skips["invalid_utf8"] == 1
+    assert f"corrupt inputs: {len(expected)} file(s): {tmp_path}/in/cut.jsonl.gz 1, {tmp_path}/in/garbage" in caplog.text
+    assert m.total_documents == m.languages["Python"].documents == len(good)
+    tok = CodeTokenizer(tokenizer_model)
+    s = TokenStore(tmp_path / "out")
+    text = tok.decode(np.concatenate([s[i].tokens[:s[i].num_tokens] for i in range(len(s))]).tolist())
+    assert all(t in text for t in good)
+    small = build(inputs, tokenizer_model, tmp_path / "small-units", unit_mb=0.0002)  # files split over many units
+    assert small.corrupt_inputs == m.corrupt_inputs and small.total_documents == m.total_documents
+    with pytest.raises(ValueError, match=r"nothing was accepted.*corrupt inputs: .*garbage.parquet: 1 item\(s\) "
+                                         r"skipped \(unreadable 1\); first: ArrowInvalid: Parquet magic bytes"):
+        build(inputs[4:7] + inputs[8:], tokenizer_model, tmp_path / "none")

@@ -60,7 +60,7 @@ def _hostfile(tmp_path: Path, text: str) -> Path:
 
 
 def test_slurm_dry_run_renders_multi_node_chain_and_array(store, tmp_path, capsys):
-    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    cfg = write_config(values(store, str(tmp_path / "run"), data__global_batch_size=64), tmp_path / "c.yaml")
     assert main(["launch", "slurm", "--dry-run", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
                  "--time", "2-00:00:00", "--account", "proj", "--chain", "3", cfg, "optim.lr=2e-4"]) == 0
     out = capsys.readouterr().out
@@ -86,7 +86,7 @@ def test_slurm_dry_run_renders_multi_node_chain_and_array(store, tmp_path, capsy
 def test_flags_anywhere_on_the_line(store, tmp_path, capsys):
     """The README's order (CONFIG first, SLURM flags after it) and overrides after flags, as argparse alone refuses
     them; an unknown flag is still an error."""
-    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    cfg = write_config(values(store, str(tmp_path / "run"), data__global_batch_size=64), tmp_path / "c.yaml")
     assert main(["launch", "slurm", cfg, "--nodes", "4", "--gpus-per-node", "8", "--time", "2-00:00:00", "--dry-run",
                  "optim.lr=2e-4"]) == 0
     out = capsys.readouterr().out
@@ -183,7 +183,7 @@ def test_train_entry_defaults_torch_extensions_dir(clean_env):
 
 
 def test_slurm_script_exports_gpu_variables_with_submit_time_values_winning(store, tmp_path, capsys):
-    cfg = write_config(values(store, str(tmp_path / "run")), tmp_path / "c.yaml")
+    cfg = write_config(values(store, str(tmp_path / "run"), data__global_batch_size=64), tmp_path / "c.yaml")
     assert main(["launch", "slurm", "--dry-run", "--gpus-per-node", "8", cfg]) == 0
     gpu = capsys.readouterr().out
     expected = [f"export {k}=${{{k}:-{v}}}" for k, v in GPU_VARIABLES.items()]
@@ -220,7 +220,7 @@ def test_deepspeed_runner_carries_the_environment_to_remote_nodes(store, tmp_pat
     clean_env.chdir(work)
     clean_env.setenv("TORCH_NCCL_AVOID_RECORD_STREAMS", "0")  # the user's value, not one DeepSpeed forwards
     run = tmp_path / "run"
-    cfg = write_config(values(store, str(run)), tmp_path / "d.yaml")
+    cfg = write_config(values(store, str(run), data__global_batch_size=8), tmp_path / "d.yaml")  # DP 4
     hostfile = _hostfile(tmp_path, "node-a slots=2\nnode-b slots=2\n")
     assert main(["launch", "deepspeed", "--dry-run", "--hostfile", str(hostfile), cfg]) == 0
     cmd = shlex.split(capsys.readouterr().out)
@@ -249,6 +249,9 @@ def test_local_torchrun_and_deepspeed_launcher_train_the_same(store, tmp_path):
     cfg_ds = write_config(values(store, str(ds), micro_batch_size=2), tmp_path / "d.yaml")  # DP=2
     hostfile = _hostfile(tmp_path, "localhost slots=2\n")
     assert codegeex(["launch", "local", "--nproc", "2", cfg_local], tmp_path / "local.log").wait(300) == 0
+    # DeepSpeed's warning while importing (on CPUs), made on both ranks: shown once, from rank 0, in our format
+    accelerator = [line for line in (tmp_path / "local.log").read_text().splitlines() if "Setting accelerator" in line]
+    assert all("[rank 0] WARNING DeepSpeed: " in line for line in accelerator) and len(accelerator) <= 1, accelerator
     port = str(free_port())
     assert codegeex(["launch", "deepspeed", "--hostfile", str(hostfile), "--master-port", port, cfg_ds],
                     tmp_path / "ds.log").wait(300) == 0, (tmp_path / "ds.log").read_text()[-3000:]

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from common.config import ConfigError
-from common.devices import DEVICES
+from common.config import ConfigError, load_config
+from common.devices import DEVICES, Device
 from launch.cli import main
 from launch.planner import Choice, PlanRequest, plan, predict, structural_problem
 from launch.validate import validate_job
-from megatron_code.config import load_preset
+from megatron_code.config import ModelConfig, load_preset
 from tests.model_utils import synthetic_store
 from tests.train_utils import values, write_config
 
@@ -35,7 +35,12 @@ def test_codegeex_own_run_fits_only_with_recomputation():
     no_ckpt = by_key[(8, 1, 192, 2, 16, "off")]
     assert no_ckpt.problem.startswith("out of memory by") and no_ckpt.memory["activations"] > 100
     assert 0 < own.mfu < no_ckpt.mfu < req.efficiency  # recomputation and communication cost time
-    assert all(a.step_s <= b.step_s for a, b in zip(fits, fits[1:], strict=False))
+    assert own.runs and not by_key[(8, 2, 96, 2, 16, "full")].runs
+    # every row the trainer runs (PP = 1) first, each group fastest first
+    runnable = [c.runs for c in fits]
+    assert runnable == sorted(runnable, reverse=True) and 0 < sum(runnable) < len(fits)
+    for group in ([c for c in fits if c.runs], [c for c in fits if not c.runs]):
+        assert all(a.step_s <= b.step_s for a, b in zip(group, group[1:], strict=False))
     assert all(c.memory["total"] <= 32 for c in fits)
 
 
@@ -71,20 +76,82 @@ def test_plan_cli_ranks_and_explains(capsys):
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1] in "0123456789-"
               and "| " in line and "rank" not in line]
     assert row.split()[1:7] == ["2", "1", "4", "1", "4", "off"]
-    with pytest.raises(ConfigError, match="--gpu 'B200' is not one of"):
+    with pytest.raises(ConfigError, match="--gpu 'B200' is not a known device kind; known: A100-40"):
         from launch.cli import build_parser
         from launch.plan_cli import cmd_plan
 
         cmd_plan(build_parser().parse_args(["plan", "--gpu", "B200"]))
 
 
-def test_predicted_step_time_follows_the_arithmetic():
-    req = PlanRequest(load_preset("350m"), 8, DEVICES["H100-80"], 64, 2048)
-    one, eight = Choice(1, 1, 8, 1, 8, "off"), Choice(1, 1, 8, 1, 8, "full")
-    predict(req, one)
-    predict(req, eight)
-    assert eight.step_s > one.step_s * 1.2  # one more forward: 4/3 of the compute
-    assert one.fits and one.comm_gb > 0
+def hand_request(**over) -> PlanRequest:
+    """4 layers of h 1024 (f 4096, 8 heads), vocabulary 8192, sequence 1024, no top-query layer, on 16 devices of
+    100 TFLOP/s, 4 per node, NVLink 100 GB/s, network 10 GB/s; 64 sequences a step, bf16, efficiency 0.5."""
+    model = load_config(ModelConfig, values={"num_layers": 4, "hidden_size": 1024, "ffn_hidden_size": 4096,
+                                             "num_attention_heads": 8, "vocab_size": 8192,
+                                             "max_position_embeddings": 1024, "top_query_layer": False})
+    return PlanRequest(model, 16, Device("test", 1000, 100, 100, 10, per_node=4), 64, 1024, **over)
+
+
+def test_step_time_and_mfu_match_the_hand_computed_model():
+    req = hand_request()
+    # per token: 6 x matmul parameters (4 x (4h^2 + 2hf) + Vh = 58,720,256) + 12 L S h (50,331,648) = 402,653,184
+    flops = 402_653_184 * 64 * 1024
+    compute = flops / (16 * 100e12 * 0.5)  # 0.032985 s
+    # TP 2: 4 micro-batches of 2, 4 layers x 4 all-reduces of b s h w = 2*1024*1024*2 bytes, ring 2 (t-1)/t = 1,
+    # inside a node of 4 (100 GB/s)
+    tp = 4 * 4 * 4 * (2 * 1024 * 1024 * 2) * 1.0 / 100e9  # 0.0026844 s
+    # DP 8 leaves the node (network, 10 GB/s); parameters per TP rank: 58,757,120 split / 2 + 1,067,008 whole =
+    # 30,445,568, in bf16 60,891,136 bytes; one reduce-scatter or all-gather sends 7/8 of it
+    half = 7 / 8 * 60_891_136 / 10e9  # 0.0053280 s
+    micro_compute = compute / 4  # 0.0082463 s, backward 2/3 of it: 0.0054975 s
+
+    zero2 = Choice(2, 1, 8, 2, 2, "off")
+    predict(req, zero2)  # the reduce-scatter (0.00533 s) hides behind each backward (0.00550 s), the gather is exposed
+    assert (zero2.compute_s, zero2.tp_s, zero2.dp_exposed_s) == pytest.approx((compute, tp, half))
+    assert zero2.step_s == pytest.approx(compute + tp + half) == pytest.approx(0.0409977, rel=1e-5)
+    assert zero2.mfu == pytest.approx(flops / (zero2.step_s * 16 * 100e12)) == pytest.approx(0.402283, rel=1e-5)
+    assert zero2.comm_gb == pytest.approx((4 * 4 * 4 * 4_194_304 + 5 * 7 / 8 * 60_891_136) / 1e9)
+
+    zero3 = Choice(2, 1, 8, 3, 2, "off")
+    predict(req, zero3)  # per micro-batch 3 x 0.00533 s against 0.00825 s of compute: 0.00774 s exposed, 4 times
+    assert zero3.dp_exposed_s == pytest.approx(4 * (3 * half - micro_compute))
+    assert zero3.step_s == pytest.approx(compute + tp + 4 * (3 * half - micro_compute))
+    zero1 = Choice(2, 1, 8, 1, 2, "off")
+    predict(req, zero1)  # after the last backward, exposed: fp32 gradients all-reduced (4 halves), bf16 gathered
+    assert zero1.dp_exposed_s == pytest.approx(5 * half)
+    zero1_fp16 = Choice(2, 1, 8, 1, 2, "off")
+    predict(hand_request(precision="float16"), zero1_fp16)  # reduce-scatter + all-gather
+    assert zero1_fp16.dp_exposed_s == pytest.approx(2 * half)
+
+    full = Choice(2, 1, 8, 2, 2, "full")
+    predict(req, full)  # one more forward (compute x 4/3) and 2 more all-reduces per layer
+    assert (full.compute_s, full.tp_s) == pytest.approx((compute * 4 / 3, tp * 6 / 4))
+    assert full.dp_exposed_s == pytest.approx(half)  # the longer backward hides the reduce-scatter all the more
+
+    piped = Choice(2, 2, 4, 2, 2, "off")
+    predict(req, piped)  # 8 micro-batches: bubble 1/8 of compute; 2 b s h per micro-batch between stages, on NVLink
+    assert piped.bubble_s == pytest.approx(compute / 8)
+    assert piped.pp_s == pytest.approx(2 * 8 * 4_194_304 / 100e9)
+    fits, _ = plan(req)
+    assert not [c for c in fits if c.pp > 1 and c.runs] and fits[0].pp == 1
+    assert max(fits.index(c) for c in fits if c.runs) < min(fits.index(c) for c in fits if not c.runs)
+
+
+def test_plan_json_has_every_figure_of_the_table(capsys):
+    argv = ["plan", "--model", "codegeex-13b", "--gpus", "64", "--gpu", "h100-80gb", "--global-batch", "512"]
+    assert main([*argv, "--json", "--top", "400"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["rows"]
+    assert doc["device"]["name"] == "H100-80" and len(rows) == 400 and doc["fit"] > 400
+    assert [r["rank"] for r in rows] == list(range(1, 401))
+    first_pp = next(i for i, r in enumerate(rows) if r["pp"] > 1)
+    assert all(r["runs"] for r in rows[:first_pp]) and not any(r["runs"] for r in rows[first_pp:])
+    assert rows[first_pp]["runs_reason"] == "PP>1: no pipeline parallelism in the trainer"
+    for r in rows:
+        assert r["step_s"] == pytest.approx(r["compute_s"] + r["bubble_s"] + r["exposed_comm_s"])
+        assert r["mfu"] < doc["efficiency"] and r["fits"] and r["memory_gib"]["total"] <= 80
+    assert main(argv + ["--pp", "2", "--top", "3"]) == 0
+    assert "no (PP>1)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -105,12 +172,12 @@ def test_validate_builds_the_job_for_many_ranks_on_fake_groups(tmp_path, capsys)
                        tmp_path / "v.yaml")
     assert main(["plan", "--validate", cfg, "--world-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "valid for 32 ranks = TP 4 x DP 8" in out and "accumulation 4" in out
+    assert "valid for 32 ranks (--world-size 32) = TP 4 x DP 8" in out and "accumulation 4" in out
     assert out.count("forward and backward shapes OK") == 5  # TP ranks 0-3 and the last rank
-    for argv, error in ((["--world-size", "30"], r"world size \(30\) must be a multiple of tp \(4\)"),
+    for argv, error in ((["--world-size", "30"], r"world size 30 \(--world-size 30\) must be a multiple of tp \(4\)"),
                         (["--world-size", "40"], r"global_batch_size \(64\) must be a multiple of micro_batch_size "
                                                  r"\(2\) x data-parallel size \(10\)"),
-                        (["--world-size", "24", "tp=3"], r"num_attention_heads \(4\)"),
+                        (["--world-size", "24", "tp=3"], r"tp \(3\) must divide model.num_attention_heads \(4\)"),
                         (["--world-size", "8", "model.max_position_embeddings=16"], r"seq_len \(32\) exceeds"),
                         (["--world-size", "24", "tp=3", "model.num_attention_heads=3", "model.hidden_size=33",
                           "model.ffn_hidden_size=66", "model.vocab_size=129", "model.sequence_parallel=true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -56,6 +57,29 @@ def test_resume_gives_exactly_the_uninterrupted_sequence(store_path):
         got = resumed.next_batch()
         for key in expected:
             assert np.array_equal(got[key], expected[key]), key
+
+
+def test_resume_on_another_data_parallel_size_continues_the_global_order(store_path):
+    """DP=2 for 3 batches, DP=1 for 2, DP=4 past the end of an epoch: the global batches, joined over the ranks
+    of each leg, are the single-process order; no sample repeated or skipped within an epoch."""
+    n = len(TokenStore(store_path))
+    gbs = 4
+    single = DataSampler(cfg(store_path, gbs), 0, 1)
+    steps = n // gbs + 2  # into the second epoch
+    order = [single.next_indices() for _ in range(steps)]
+    got: list[list[tuple[int, int]]] = []
+    state = None
+    for dp, count in ((2, 3), (1, 2), (4, steps - 5)):
+        ranks = [DataSampler(cfg(store_path, gbs), r, dp, SamplerState.from_dict(state) if state else None)
+                 for r in range(dp)]
+        for _ in range(count):
+            got.append([pick for s in ranks for pick in s.next_indices()])
+        assert len({json.dumps(s.state_dict()) for s in ranks}) == 1  # every rank holds the same state
+        state = ranks[0].state_dict()
+    assert got == order
+    first_epoch = [i for batch in got[: n // gbs] for _, i in batch]
+    assert len(first_epoch) == len(set(first_epoch)) == (n // gbs) * gbs
+    assert state["consumed_samples"] == steps * gbs
 
 
 def test_batch_arrays(store_path):

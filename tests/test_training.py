@@ -49,7 +49,13 @@ def store(tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_tp2_dp2_resume_is_exact_and_zero_stages_agree(store, tmp_path):
+def test_tp2_dp2_resume_is_exact_zero_stages_agree_and_resume_is_elastic(store, tmp_path):
+    """TP2xDP2: a resume is bit for bit; ZeRO 2 and 3 agree with ZeRO 1. Its checkpoint of step 3 then resumes on
+    TP2xDP1 (no ZeRO: the partitions regathered) for steps 4-5, and that one on TP1xDP2 (ZeRO 1 again, the model
+    and the optimizer state resharded) for step 6: losses and final weights as the straight run's, within fp32
+    rounding, and the sampler where it stopped (a repeated or skipped sample would change the losses)."""
+    import shutil
+
     from tests.dist import run_ranks
 
     base = dict(tp=2, micro_batch_size=1, train_steps=6, checkpoint__interval=3, optim__decay_steps=4)  # fixed schedule
@@ -66,6 +72,24 @@ def test_tp2_dp2_resume_is_exact_and_zero_stages_agree(store, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     for m in (m2, m3):
         np.testing.assert_allclose([r["loss"] for r in m], straight, **TOL)
+
+    step3 = "step-00000003"
+    (tmp_path / "e" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "b" / "checkpoints" / step3, tmp_path / "e" / "checkpoints" / step3)
+    (tmp_path / "e" / "checkpoints" / "latest").write_text(step3 + "\n")
+    e1 = values(store, str(tmp_path / "e"), **{**base, "train_steps": 5})  # TP2 x DP1
+    e2 = values(store, str(tmp_path / "e"), **{**base, "tp": 1})  # TP1 x DP2
+    me = run_ranks(run_configs, 2, [e1, e2])[0][-1]  # metrics.jsonl after both legs
+    assert [r["step"] for r in me] == [4, 5, 6]  # one line per step
+    np.testing.assert_allclose([r["loss"] for r in me], straight[3:], **TOL)
+    np.testing.assert_allclose([r["lr"] for r in me], [r["lr"] for r in ma[3:]], rtol=1e-12)
+    we = final_weights(e2["run_dir"], 6)
+    for k in wa:
+        torch.testing.assert_close(we[k], wa[k], rtol=1e-5, atol=1e-6)
+    legs = [json.loads((tmp_path / "e" / "checkpoints" / f"step-0000000{s}" / "trainer.json").read_text())
+            for s in (5, 6)]
+    assert [t["layout"] for t in legs] == [{"tp": 2, "dp": 1, "zero_stage": 0}, {"tp": 1, "dp": 2, "zero_stage": 1}]
+    assert [t["sampler"]["consumed_samples"] for t in legs] == [5 * 4, 6 * 4]
 
 
 def test_tp2_and_dp2_equal_the_single_process_run(store, tmp_path):
