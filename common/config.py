@@ -70,7 +70,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} matches none of {tp}")
     if origin is Literal:
-        if value not in get_args(tp):
+        choices = get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} & set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off/yes/no as a boolean
+        if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
         return value
     if origin in (list, tuple) or tp in (list, tuple):

@@ -111,8 +111,8 @@ def _check_run_lock(run_dir: Path, args: argparse.Namespace) -> None:
     nodes other than 0 (node 0 checks)."""
     from megatron_code.run_lock import check_run_dir
 
-    if getattr(args, "func", None) is cmd_slurm or getattr(args, "node_rank", 0) != 0:
-        return
+    if getattr(args, "func", None) is cmd_slurm or getattr(args, "node_rank", 0) != 0 or not run_dir.is_dir():
+        return  # a run directory not yet there (or not a directory: the job checks name it) holds no lock
     stale = check_run_dir(run_dir)
     if stale is not None:
         log.warning("%s: the lock of a job that is gone (%s); this job takes it over", run_dir / ".lock",

@@ -91,3 +91,15 @@ def test_describe_lists_every_leaf_with_help():
     rows = {r[0]: r for r in describe(Outer)}
     assert set(rows) == {"name", "paths", "maybe", "flag", "inner.size", "inner.rate", "inner.mode"}
     assert rows["inner.rate"][2] == "0.5" and rows["inner.rate"][3] == "a rate"
+
+
+def test_yaml_on_off_read_as_booleans_still_name_a_literal_choice(tmp_path):
+    """YAML 1.1 reads a bare ``off`` as False: a field whose choices are strings including "off" takes it back."""
+    from megatron_code.train_config import load_train_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("activation_checkpointing: off\ndata:\n  sources: [{path: s}]\n")
+    assert load_train_config(str(path), []).activation_checkpointing == "off"
+    assert load_train_config(str(path), ["activation_checkpointing=off"]).activation_checkpointing == "off"
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        load_train_config(str(path), ["activation_checkpointing=yes"])
