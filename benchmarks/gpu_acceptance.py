@@ -155,8 +155,8 @@ def probed_trainer(settings: Settings, count_syncs: bool) -> Iterator[Probe]:
     probe = Probe()
     real_build, real_step = training.build, training.train_step
 
-    def build(cfg: Any) -> Any:
-        pc, model, engine, sampler = real_build(cfg)
+    def build(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        pc, model, engine, sampler = real_build(cfg, *args, **kwargs)
         probe.engine, probe.model = engine, model
         return pc, model, engine, sampler
 

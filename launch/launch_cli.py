@@ -192,7 +192,7 @@ def cmd_deepspeed(args: argparse.Namespace) -> int:
 
     hosts = read_hostfile(args.hostfile)  # before anything is written
     slots = hosts[0].slots
-    world = World.of(len(hosts), slots, gpus_here(), f"{len(hosts)} hosts x {slots} slots in {args.hostfile}",
+    world = World.of(len(hosts), slots, gpus_here() or bool(getattr(args, "gpu", None)), f"{len(hosts)} hosts x {slots} slots in {args.hostfile}",
                      f"slots={slots} in {args.hostfile}")
     cfg, run_dir, config = _resolve(args.config, args.overrides, world, args)
     cmd = deepspeed_command(config, Path(args.hostfile), master_port=args.master_port)

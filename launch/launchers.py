@@ -238,7 +238,10 @@ def deepspeed_command(config: Path, hostfile: Path, *, master_addr: str | None =
     return cmd + ["--no_local_rank", "--module", *TRAIN_MODULE[1:], "--config", str(config)]
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP (the terminal or ssh session gone) and SIGUSR1 (SLURM's --signal) stop the job the same way: the ranks
+# are sent SIGTERM, which every rank (training or eval) handles
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+_FORWARD_AS: dict[int, int] = {signal.SIGHUP: signal.SIGTERM, signal.SIGUSR1: signal.SIGTERM}
 REPEAT_S = 1.0  # a second signal sooner than this is the same request delivered twice (one to stop, not to kill)
 KILL_GRACE_S = 3.0  # after a second signal: how long the ranks get to exit by themselves before SIGKILL
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
@@ -309,7 +312,7 @@ def _watch(proc: subprocess.Popen[bytes], received: list[tuple[int, float]], sta
             name = signal.Signals(signum).name
             if first is None:
                 first = (signum, at)
-                signalled = _forward(proc, signum, ranks_are_children)
+                signalled = _forward(proc, _FORWARD_AS.get(signum, signum), ranks_are_children)
                 log.warning("%s: every rank stops after its current step and saves; send it again (after %.0f s) to "
                             "stop at once, without a checkpoint", name, REPEAT_S)
             elif at - first[1] >= REPEAT_S:

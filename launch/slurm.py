@@ -117,7 +117,8 @@ def training_script(opts: SlurmOptions, *, config: Path, run_dir: Path, python: 
         f"{opts.srun()} --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "
         + shlex.quote('trap "" USR1; exec ' + " ".join(torchrun)),
         "rc=$?",
-        'if grep -qs \'"state": "stopped"\' "$STATUS"; then',
+        # requeued only after a clean stop: a job that failed (even after an earlier stop) is not requeued forever
+        'if [ "$rc" -eq 0 ] && grep -qs \'"state": "stopped"\' "$STATUS"; then',
         '  echo "codegeex: stopped by a signal with a checkpoint; requeueing"',
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ from common.contracts import (
     load_checkpoint_manifest,
     write_manifest,
 )
-from common.integrity import FileRecord, list_files, record, require
+from common.integrity import FileRecord, list_files, my_share, record, require, trust, verify
 from common.io import DIR_MODE, FILE_MODE, make_shared, write_bytes_atomic, write_text_atomic
 from common.revision import git_revision
 from megatron_code.config import ModelConfig
@@ -135,6 +136,24 @@ def carry_tokenizer(directory: Path, record: TokenizerRecord | None,
     return dataclasses.replace(record, path=TOKENIZER_FILE, sha256=digest)
 
 
+def read_pointer(root: Path) -> str | None:
+    """The step directory's name ``root``'s ``latest`` pointer holds; None without a pointer, or when it holds no
+    ``step-N`` name (empty or garbled, e.g. after a power loss), with a warning."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if re.fullmatch(r"step-\d+", name) is None:
+        log.warning("%s holds %r, not a step directory's name: ignored", pointer, name[:40])
+        return None
+    return name
+
+
+def step_number(name: str) -> int:
+    """The step of a ``step-N`` (or ``.old-step-N``) directory name."""
+    return int(name.rsplit("-", 1)[1])
+
+
 def latest_pointer(root: Path) -> Path | None:
     """The directory ``root``'s ``latest`` pointer names, or None when there is no pointer or no such directory."""
     pointer = root / LATEST
@@ -161,15 +180,21 @@ def _root_model(root: Path) -> Path | None:
     """The model directory a checkpoint root offers: that of the step its ``latest`` names; without a pointer, that
     of its newest ``step-*`` directory holding one (step directories copied without it, or a crash between a first
     save's rename and its pointer); None when it offers neither."""
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        model = _model_in(root / name)
-        if model is None:
+    name = read_pointer(root)
+    steps = sorted((m for d in root.glob("step-*") if (m := _model_in(d)) is not None),
+                   key=lambda m: step_number((m if m.name.startswith("step-") else m.parent).name))
+    if name is not None:
+        model = _model_in(root / name) or _model_in(root / f".old-{name}")  # .old-: a re-save killed mid-way
+        if model is not None:
+            return model
+        older = [m for m in steps if step_number((m if m.name.startswith("step-") else m.parent).name)
+                 < step_number(name)]
+        if not older:
             raise FileNotFoundError(f"{root}: no checkpoint there: its {LATEST} pointer names {name!r}, which holds no "
-                                    f"model directory ({MANIFEST})")
-        return model
-    steps = sorted(m for d in root.glob("step-*") if (m := _model_in(d)) is not None)
+                                    f"model directory ({MANIFEST}), and no earlier step directory does")
+        log.warning("%s: its %s pointer names %s, which holds no model directory: taking %s, the newest before it",
+                    root, LATEST, name, older[-1])
+        return older[-1]
     if steps:
         log.info("%s: no %s pointer; taking its newest step directory, %s", root, LATEST, steps[-1])
         return steps[-1]
@@ -263,6 +288,25 @@ def verify_model_files(path: Path, manifest: CheckpointManifest, names: list[str
             log.warning("%s: written before checkpoints carried checksums: its files are not verified", path)
         return
     require(path, manifest.files, names)
+
+
+def verify_together(directory: Path, files: dict[str, FileRecord]) -> list[str]:
+    """The problems of ``files`` under ``directory``, found by all ranks together: each verifies every N-th file,
+    all get the whole list (every rank calls this). When there are none, every rank trusts them all
+    (:func:`common.integrity.trust`), so loading them does not hash them again on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        problems = verify(directory, files)
+    else:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = verify(directory, files, my_share(list(files), rank, world))
+        gathered: list[list[str] | None] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        problems = [p for part in gathered for p in part or []]
+    if not problems:
+        trust(directory, files)
+    return problems
 
 
 def seal_model_dir(path: Path, records: dict[str, FileRecord] | None = None) -> None:

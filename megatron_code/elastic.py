@@ -17,6 +17,7 @@ schedule come from ``trainer.json``. The model's weights come from ``step-N/mode
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from common.io import DIR_MODE, FILE_MODE
 from megatron_code.checkpoint import tp_slice
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
+
+log = logging.getLogger("codegeex.checkpoint")
 
 OPTIMIZER_DIR = "optimizer"
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -60,18 +63,27 @@ def optimizer_steps(engine: Any) -> int:
     return 0
 
 
-def full_state(engine: Any, param: Tensor) -> dict[str, Tensor]:
+def supported(engine: Any, model: CodeGeeXModel) -> str | None:
+    """Why this engine's optimizer state cannot be saved per parameter, or None. DeepSpeed's fp16/bf16 optimizer
+    without ZeRO keys Adam's state by fp32 copies of its own, which neither ``safe_get_full_*`` nor AdamW's state
+    reaches."""
+    params = list(model.parameters())
+    if all(_deepspeed_managed(p) for p in params) or engine.optimizer is base_optimizer(engine):
+        return None
+    return (f"{type(engine.optimizer).__name__} (bf16/fp16 without ZeRO) keeps its fp32 master weights apart; use "
+            "zero_stage >= 1 to resume on another layout")
+
+
+def full_state(engine: Any, param: Tensor, stepped: bool) -> dict[str, Tensor]:
     """fp32 master weight and Adam moments of ``param`` (this TP rank's piece, whole over DP). A collective over
-    the data-parallel group under ZeRO: every DP rank calls it for the same parameters in the same order."""
+    the data-parallel group under ZeRO: every DP rank calls it for the same parameters in the same order.
+    ``stepped``: whether Adam's state exists (the same answer on every rank, so the collectives match)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _deepspeed_managed(param):
         out = {"fp32": safe_get_full_fp32_param(param)}
         for key in KEYS[1:]:
-            try:
-                out[key] = safe_get_full_optimizer_state(param, key)
-            except (KeyError, ValueError):  # no step applied yet: Adam's state not created
-                out[key] = torch.zeros_like(out["fp32"])
+            out[key] = safe_get_full_optimizer_state(param, key) if stepped else torch.zeros_like(out["fp32"])
         return out
     state = base_optimizer(engine).state.get(param, {})
     fp32 = param.detach().float()
@@ -87,13 +99,22 @@ def _link_states(engine: Any) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def save_optimizer_state(directory: Path, engine: Any, model: CodeGeeXModel) -> None:
-    """Write this rank's share of the layout-free optimizer state (every rank calls this)."""
+def save_optimizer_state(directory: Path, engine: Any, model: CodeGeeXModel, progress: Any = None) -> bool:
+    """Write this rank's share of the layout-free optimizer state (every rank calls this); False, with a warning,
+    when this optimizer's state cannot be (:func:`supported`). ``progress``: called after each parameter."""
     pc = model.pc
+    why = supported(engine, model)
+    if why is not None:
+        if pc.rank == 0:
+            log.warning("checkpoint without the layout-free optimizer state: %s", why)
+        return False
     _link_states(engine)
+    stepped = optimizer_steps(engine) > 0
     mine: dict[str, Tensor] = {}
     for i, (name, p) in enumerate(model.named_parameters()):
-        values = full_state(engine, p)  # collective under ZeRO: every DP rank, every parameter
+        values = full_state(engine, p, stepped)  # collective under ZeRO: every DP rank, every parameter
+        if progress is not None:
+            progress()
         if i % pc.dp_size == pc.dp_rank:
             mine.update({f"{name}/{k}": v.detach().float().cpu().contiguous() for k, v in values.items()})
     directory.mkdir(parents=True, exist_ok=True)
@@ -101,6 +122,7 @@ def save_optimizer_state(directory: Path, engine: Any, model: CodeGeeXModel) -> 
     path = directory / optim_file(pc.tp_rank, pc.tp_size, pc.dp_rank, pc.dp_size)
     save_file(mine, str(path))
     path.chmod(FILE_MODE)
+    return True
 
 
 class _Reader:
@@ -170,8 +192,23 @@ def load_optimizer_state(directory: Path, engine: Any, model: CodeGeeXModel, spe
                 opt.state[p][key].copy_(values[key])
 
 
-def restore_schedule(engine: Any, scheduler_state: dict[str, Any], counters: dict[str, int]) -> None:
-    """The LR schedule (and the learning rate the next step uses) and DeepSpeed's step counters."""
+_SCALER = ("cur_scale", "cur_hysteresis", "last_overflow_iter", "cur_iter")  # fp16's dynamic loss scaler
+
+
+def loss_scaler_state(engine: Any) -> dict[str, float]:
+    """fp16's dynamic loss scale and its counters (empty without one)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return {k: float(getattr(scaler, k)) for k in _SCALER if hasattr(scaler, k)} if scaler is not None else {}
+
+
+def restore_schedule(engine: Any, scheduler_state: dict[str, Any], counters: dict[str, int],
+                     scaler: dict[str, float] | None = None) -> None:
+    """The LR schedule (and the learning rate the next step uses), DeepSpeed's step counters and fp16's loss
+    scaler (so the first steps after the resume do not overflow and skip)."""
+    target = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in (scaler or {}).items():
+        if target is not None and hasattr(target, key):
+            setattr(target, key, type(getattr(target, key))(value))
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(scheduler_state)
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):

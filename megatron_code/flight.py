@@ -61,6 +61,15 @@ def prepare_process_group(cfg: TrainConfig) -> None:
     _setdefault(("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"), str(flight_dir(cfg) / NCCL_PREFIX))
 
 
+_ACTIVE: list[FlightRecorder] = []  # the recorder of this process's training loop, while it runs
+
+
+def progress() -> None:
+    """Progress made outside the loop's phases (a checkpoint's files and parameters): the watchdog waits on."""
+    for recorder in _ACTIVE:
+        recorder.beat()
+
+
 class FlightRecorder:
     """The rank's step and phase, and a watchdog thread over them (see the module docstring).
 
@@ -77,6 +86,7 @@ class FlightRecorder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"codegeex-flight-rank-{rank}", daemon=True)
         self._thread.start()
+        _ACTIVE[:] = [self]
 
     def set(self, step: int, phase: str) -> None:
         """The rank is now at ``phase`` of ``step`` (cheap: no lock, no I/O; the watchdog reads it)."""
@@ -89,6 +99,8 @@ class FlightRecorder:
         self.beats += 1
 
     def close(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         self._stop.set()
         self._thread.join(timeout=5)
 

@@ -208,7 +208,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                if exc.errno == errno.ENOLCK:  # a filesystem without locks: the record alone decides
+                if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    # a filesystem without locks (Lustre without -o flock, some FUSE mounts): the record decides
                     log.warning("%s: the filesystem refuses flock; judging the holder by its record only", self.path)
                 else:
                     os.close(fd)

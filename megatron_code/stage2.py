@@ -21,7 +21,15 @@ from torch import Tensor
 
 from common.config import ConfigError, to_dict
 from common.contracts import CheckpointManifest, StoreManifest
-from megatron_code.checkpoint import load_parameters, load_shard, model_config, read_manifest, resolve_model_dir
+from common.integrity import CorruptCheckpointError
+from megatron_code.checkpoint import (
+    load_parameters,
+    load_shard,
+    model_config,
+    read_manifest,
+    resolve_model_dir,
+    verify_together,
+)
 from megatron_code.config import ModelConfig
 from megatron_code.modality import FullSeparation
 from megatron_code.model import CodeGeeXModel
@@ -101,6 +109,9 @@ def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> CheckpointMa
     if source.embedding_separation not in ("none", model.cfg.embedding_separation):
         raise ConfigError(f"init_from {path}: its embeddings are separated ({source.embedding_separation}); this "
                           f"model's separation is {model.cfg.embedding_separation}")
+    problems = verify_together(path, manifest.files)  # each rank a share, not every rank every shard
+    if problems:
+        raise CorruptCheckpointError(f"init_from {path} is corrupt: " + "; ".join(problems))
     state = load_shard(path, model.pc.tp_rank, model.pc.tp_size)
     if model.docstring_embeddings is not None and not any(k.startswith("docstring_embeddings.") for k in state):
         _separate(model, state)

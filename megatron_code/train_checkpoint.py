@@ -38,11 +38,20 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from common.contracts import CHECKPOINT_FILES, CheckpointFiles, StoreManifest, load_checkpoint_files, write_manifest
-from common.integrity import list_files, my_share, read_parts, record, verify, write_part
+from common.integrity import list_files, my_share, read_parts, record, write_part
 from common.io import DIR_MODE, FILE_MODE, make_shared
 from data_pipeline.sampler import DataSampler, SamplerState
-from megatron_code.checkpoint import LATEST, point_latest, save_checkpoint, seal_model_dir
-from megatron_code.elastic import OPTIMIZER_DIR, optimizer_steps, save_optimizer_state
+from megatron_code.checkpoint import (
+    LATEST,
+    point_latest,
+    read_pointer,
+    save_checkpoint,
+    seal_model_dir,
+    step_number,
+    verify_together,
+)
+from megatron_code.elastic import OPTIMIZER_DIR, loss_scaler_state, optimizer_steps, save_optimizer_state
+from megatron_code.flight import progress
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import ParallelContext
 from megatron_code.train_config import SAVE_PHASES
@@ -62,6 +71,7 @@ def _all_finite(model: CodeGeeXModel) -> bool:
 
 def _phase(name: str, kill: str | None) -> None:
     """The fault drill: SIGKILL this process at phase ``name`` when ``kill`` names it (on the rank that does it)."""
+    progress()  # the flight recorder's watchdog: a long save is not a hung collective
     if kill != name:
         return
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,7 +82,7 @@ def _phase(name: str, kill: str | None) -> None:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
+    return step_number(path.name)
 
 
 def _write_state(tmp: Path, engine: Any, model: CodeGeeXModel, state: dict[str, Any], data: StoreManifest | None,
@@ -86,7 +96,7 @@ def _write_state(tmp: Path, engine: Any, model: CodeGeeXModel, state: dict[str, 
     engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     _phase("optimizer", kill)
     if elastic:
-        save_optimizer_state(tmp / OPTIMIZER_DIR, engine, model)
+        save_optimizer_state(tmp / OPTIMIZER_DIR, engine, model, progress)
     _phase("rng", kill)
     (tmp / "rng").mkdir(exist_ok=True)
     rng = {"cpu": torch.get_rng_state()}
@@ -183,16 +193,23 @@ def save_training_checkpoint(root: Path, step: int, engine: Any, model: CodeGeeX
     return final
 
 
-def layout(pc: ParallelContext, engine: Any) -> dict[str, int]:
-    """What DeepSpeed's own files depend on: TP and DP sizes and the ZeRO stage in effect."""
-    return {"tp": pc.tp_size, "dp": pc.dp_size, "zero_stage": int(engine.zero_optimization_stage())}
+def precision_of(engine: Any) -> str:
+    bf16 = getattr(engine, "bfloat16_enabled", lambda: False)()
+    return "bf16" if bf16 else "fp16" if getattr(engine, "fp16_enabled", lambda: False)() else "fp32"
+
+
+def layout(pc: ParallelContext, engine: Any) -> dict[str, Any]:
+    """What DeepSpeed's own files depend on: TP and DP sizes, the ZeRO stage in effect, the precision (which
+    optimizer wraps Adam)."""
+    return {"tp": pc.tp_size, "dp": pc.dp_size, "zero_stage": int(engine.zero_optimization_stage()),
+            "dtype": precision_of(engine)}
 
 
 def optimizer_record(engine: Any) -> dict[str, Any]:
     """What a resume on another layout needs beside the tensors: Adam's step count, the schedule, DeepSpeed's
     counters."""
     scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else {}
-    return {"steps": optimizer_steps(engine), "scheduler": scheduler,
+    return {"steps": optimizer_steps(engine), "scheduler": scheduler, "loss_scaler": loss_scaler_state(engine),
             "counters": {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
                          "skipped_steps": int(engine.skipped_steps)}}
 
@@ -208,14 +225,10 @@ def resume_candidates(root: Path) -> list[Path]:
     renames) the copy renamed aside, then those before its step; without a pointer (a crash between a first save's
     rename and its pointer), every complete one."""
     steps = sorted((p for p in root.glob("step-*") if _complete(p)), key=step_of, reverse=True)
-    pointer = root / LATEST
-    if not pointer.is_file():
+    name = read_pointer(root)
+    if name is None:
         return steps
-    named = root / pointer.read_text().strip()
-    try:
-        limit = step_of(named)
-    except ValueError:
-        limit = max((step_of(p) for p in steps), default=0) + 1
+    named, limit = root / name, step_number(name)
     aside = root / f".old-{named.name}"  # a re-save killed between its renames: the one the pointer named
     head = [named] if _complete(named) else [aside] if _complete(aside) else []
     if head != [named]:
@@ -249,11 +262,7 @@ def verify_checkpoint(path: Path) -> list[str]:
         return [] if _complete(path) else [f"{path}: not a complete training checkpoint (no trainer.json)"]
     except (ManifestError, ConfigError) as exc:
         return [str(exc)]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = verify(path, files, my_share(list(files), rank, world))
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return [p for part in gathered for p in part]
+    return verify_together(path, files)
 
 
 def choose_resume(root: Path, resume: str) -> Path | None:
@@ -290,20 +299,29 @@ def trainer_state(path: Path) -> dict[str, Any]:
     return dict(json.loads((path / "trainer.json").read_text()))
 
 
-def needs_elastic(path: Path, pc: ParallelContext, zero_stage: int) -> bool:
-    """Whether resuming ``path`` here changes what DeepSpeed's own files depend on (TP, DP, ZeRO stage)."""
+def needs_elastic(path: Path, pc: ParallelContext, zero_stage: int, dtype: str) -> bool:
+    """Whether resuming ``path`` here changes what DeepSpeed's own files depend on (TP, DP, ZeRO stage, precision);
+    then its layout-free optimizer state must be there (a FileNotFoundError saying how to resume otherwise)."""
     saved = trainer_state(path).get("layout")
-    here = {"tp": pc.tp_size, "dp": pc.dp_size, "zero_stage": zero_stage}
-    if saved is not None and saved != here:
-        log.info("resuming %s saved as TP %d x DP %d (ZeRO %d) on TP %d x DP %d (ZeRO %d): resharding the model and "
-                 "the optimizer state", path, saved["tp"], saved["dp"], saved["zero_stage"], pc.tp_size, pc.dp_size,
-                 zero_stage)
-    return saved is not None and saved != here
+    here = {"tp": pc.tp_size, "dp": pc.dp_size, "zero_stage": zero_stage, "dtype": dtype}
+    if saved is None or saved == here:
+        return False
+    log.info("resuming %s saved as TP %d x DP %d (ZeRO %d, %s) on TP %d x DP %d (ZeRO %d, %s): resharding the model "
+             "and the optimizer state", path, saved["tp"], saved["dp"], saved["zero_stage"], saved.get("dtype"),
+             pc.tp_size, pc.dp_size, zero_stage, dtype)
+    if not any((path / OPTIMIZER_DIR).glob("optim-tp*.safetensors")):
+        raise FileNotFoundError(f"{path}: saved as TP {saved['tp']} x DP {saved['dp']} (ZeRO {saved['zero_stage']}, "
+                                f"{saved.get('dtype')}) without its layout-free optimizer state ({OPTIMIZER_DIR}/: "
+                                "checkpoint.elastic was false, or the precision did not allow it): resume it with "
+                                "those TP and DP sizes, ZeRO stage and precision")
+    return True
 
 
-def _restore_rng(path: Path) -> None:
+def _restore_rng(path: Path, same_world: bool = True) -> None:
+    """This rank's saved RNG states; on another world size none (a rank's old states would pair it with ranks of
+    another TP group): the seeded ones are kept, the same for every rank of a TP group."""
     rng_file = path / "rng" / f"rank-{dist.get_rank():05d}.safetensors"
-    if not rng_file.is_file():
+    if not same_world or not rng_file.is_file():
         log.info("%s: no RNG state saved for rank %d (another world size): keeping the seeded one", path,
                  dist.get_rank())
         return
@@ -332,8 +350,9 @@ def load_elastic_checkpoint(path: Path, engine: Any, model: CodeGeeXModel) -> di
     state = trainer_state(path)
     opt = state["optimizer"]
     load_optimizer_state(path / OPTIMIZER_DIR, engine, model, read_manifest(path / "model").tensors, opt["steps"])
-    restore_schedule(engine, opt["scheduler"], opt["counters"])
-    _restore_rng(path)
+    restore_schedule(engine, opt["scheduler"], opt["counters"], opt.get("loss_scaler"))
+    _restore_rng(path, same_world=trainer_state(path)["layout"]["tp"] * trainer_state(path)["layout"]["dp"]
+                 == dist.get_world_size())
     return state
 
 

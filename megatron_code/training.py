@@ -152,7 +152,7 @@ def build(cfg: TrainConfig, plan: ResumePlan | None = None) -> tuple[ParallelCon
     plan = plan if plan is not None else ResumePlan()
     plan.path = choose_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
     stage = ds_config["zero_optimization"]["stage"]
-    plan.elastic = plan.path is not None and needs_elastic(plan.path, pc, stage)
+    plan.elastic = plan.path is not None and needs_elastic(plan.path, pc, stage, cfg.precision.dtype)
     resuming = plan.path is not None
     # no random draw for weights about to be loaded (a resume, or stage 2's init_from); on the GPU when there is one
     model = CodeGeeXModel(cfg.model, pc, initialize=not (resuming or cfg.init_from))
@@ -181,7 +181,8 @@ def _micro_batches(batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.nd
 
 
 def write_status(cfg: TrainConfig, pc: ParallelContext, state: str, step: int) -> None:
-    """``RUN_DIR/status.json``: running, stopped (by a signal, with a checkpoint: resume it) or completed. Batch
+    """``RUN_DIR/status.json``: running, stopped (by a signal, with a checkpoint: resume it) or completed (``killed``,
+    by a second signal, is written by :mod:`megatron_code.run_lock`). Batch
     scripts read it to decide whether to requeue."""
     if pc.rank == 0:
         path = Path(cfg.run_dir) / "status.json"
@@ -311,7 +312,10 @@ def train(cfg: TrainConfig, command: list[str]) -> dict[str, Any]:
     (:class:`RunLock`: a second live job is refused before anything is built) until training ends; SIGTERM, SIGINT
     and SIGUSR1 stop it after a step with a checkpoint (:class:`StopSignal`)."""
     rank0 = launch_rank() == 0
-    with RunLock(Path(cfg.run_dir), hold=rank0), StopSignal(Path(cfg.run_dir) / "status.json" if rank0 else None) as stop:
+    run, ckpt = Path(cfg.run_dir).resolve(), cfg.checkpoint_dir.resolve()
+    outside = ckpt != run and run not in ckpt.parents  # a checkpoint.dir of its own: locked too (jobs sharing it)
+    with RunLock(run, hold=rank0), RunLock(ckpt, hold=rank0 and outside), \
+            StopSignal(run / "status.json" if rank0 else None) as stop:
         return _train(cfg, command, stop)
 
 

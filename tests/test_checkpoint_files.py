@@ -151,6 +151,17 @@ def wrong_modes(root: Path) -> dict[str, str]:
 class FakeEngine:
     """What save_training_checkpoint asks of DeepSpeed's engine: files written by torch.save (0600 under umask 077)."""
 
+    lr_scheduler = None
+    global_steps = global_samples = skipped_steps = 5
+
+    def __init__(self) -> None:
+        import torch
+
+        self.optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
     def save_checkpoint(self, path: str, tag: str, save_latest: bool) -> None:
         import torch
 
@@ -169,7 +180,8 @@ def test_every_checkpoint_file_is_group_readable_under_umask_077(tmp_path, token
     with umask(0o077):
         model = CodeGeeXModel(tiny_config(vocab_size=1280), single_context())
         store = SimpleNamespace(tokenizer=TokenizerRecord(path=tokenizer_model), pairs=None)  # a StoreManifest's part
-        final = save_training_checkpoint(root, 5, FakeEngine(), model, {"sampler": {}}, keep=2, data=store)
+        final = save_training_checkpoint(root, 5, FakeEngine(), model, {"sampler": {}}, keep=2, data=store,
+                                         elastic=False)
         assert main(["model", "convert", str(tmp_path / "run"), "--to", "native", "--tp", "2",
                      "--output", str(tmp_path / "tp2")]) == 0
         for to, name in (("codegeex", "m.pt"), ("safetensors", "m.safetensors")):
@@ -238,8 +250,10 @@ def test_run_checkpoints_step_and_model_directories_resolve_alike(tmp_path, toke
     shutil.move(str(newer.parent), str(run / "checkpoints"))
     (run / "checkpoints" / ".tmp-step-00000020" / "model").mkdir(parents=True)  # an unfinished save is not offered
     assert resolve_model_dir(run) == run / "checkpoints" / "step-00000010" / "model"
-    (run / "checkpoints" / "latest").write_text("step-00000099\n")
-    with pytest.raises(FileNotFoundError, match="its latest pointer names 'step-00000099', which holds no model"):
+    (run / "checkpoints" / "latest").write_text("step-00000099\n")  # names nothing: the newest before it
+    assert resolve_model_dir(run) == run / "checkpoints" / "step-00000010" / "model"
+    (run / "checkpoints" / "latest").write_text("step-00000002\n")
+    with pytest.raises(FileNotFoundError, match="its latest pointer names 'step-00000002', which holds no model"):
         resolve_model_dir(run)
     with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint"):
         resolve_model_dir(model / "manifest.json")

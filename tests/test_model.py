@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,17 @@ def test_one_latest_pointer_for_model_dirs_and_training_resume(tmp_path):
     want = root / "step-00000002" / "model"
     for given in (want, want.parent, root, root.parent):
         assert resolve_model_dir(given) == want
-    point_latest(root, "step-00000003")  # names nothing: the run directory has no checkpoint to offer
+    # names nothing (a re-save killed between its renames): the newest complete one before it, for training (with
+    # trainer.json) and for a model directory (with manifest.json)
+    point_latest(root, "step-00000003")
+    assert find_latest(root) == root / "step-00000001"
+    assert resolve_model_dir(root.parent) == root / "step-00000002" / "model"
+    (root / "latest").write_text("\n")  # an empty pointer (a crash before anything was fsynced): as if none
+    assert find_latest(root) == root / "step-00000001"
+    assert resolve_model_dir(root.parent) == root / "step-00000002" / "model"
+    for name in ("step-00000001", "step-00000002"):
+        shutil.rmtree(root / name)
+    point_latest(root, "step-00000003")
     assert find_latest(root) is None
     with pytest.raises(FileNotFoundError, match="no checkpoint there"):
         resolve_model_dir(root.parent)

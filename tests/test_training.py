@@ -88,7 +88,8 @@ def test_tp2_dp2_resume_is_exact_zero_stages_agree_and_resume_is_elastic(store, 
         torch.testing.assert_close(we[k], wa[k], rtol=1e-5, atol=1e-6)
     legs = [json.loads((tmp_path / "e" / "checkpoints" / f"step-0000000{s}" / "trainer.json").read_text())
             for s in (5, 6)]
-    assert [t["layout"] for t in legs] == [{"tp": 2, "dp": 1, "zero_stage": 0}, {"tp": 1, "dp": 2, "zero_stage": 1}]
+    assert [t["layout"] for t in legs] == [{"tp": 2, "dp": 1, "zero_stage": 0, "dtype": "fp32"},
+                                           {"tp": 1, "dp": 2, "zero_stage": 1, "dtype": "fp32"}]
     assert [t["sampler"]["consumed_samples"] for t in legs] == [5 * 4, 6 * 4]
 
 
