@@ -8,7 +8,8 @@ setup(
     description="Megatron-style pre-training, data pipeline and evaluation for CodeGeeX-shaped code models",
     python_requires=">=3.11",
     packages=find_packages(include=["common*", "launch*", "megatron_code*", "data_pipeline*", "eval_harness*"]),
-    package_data={"eval_harness": ["templates/*.j2"]},  # the report's templates
+    # the report's templates; the Hugging Face export's modeling files (copied into every export, not imported)
+    package_data={"eval_harness": ["templates/*.j2"], "megatron_code": ["hf_template/*.py"]},
     install_requires=[
         "numpy>=1.26",
         "pyyaml>=6",
@@ -18,6 +19,7 @@ setup(
         "pyarrow>=15",
         "xxhash>=3.4",  # checkpoint file digests (common/integrity.py)
         "sentencepiece>=0.2",
+        "tokenizers>=0.21",  # CodeGeeX's byte-level BPE (data_pipeline/bpe_tokenizer.py)
         "tree-sitter>=0.23",
         "tree-sitter-python",
         "tree-sitter-cpp",

@@ -1,4 +1,4 @@
-"""``codegeex data``: tokenizer, build, merge, inspect."""
+"""``codegeex data``: tokenizer, build, merge, inspect, encode."""
 
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("encode", help='{"text": ...} JSONL -> {"text": ..., "ids": [...]} JSONL')
+    p.add_argument("--tokenizer", required=True,
+                   help="SentencePiece .model file or byte-level BPE directory (vocab.json, merges.txt)")
+    p.add_argument("--input", required=True, help="JSONL file, one {\"text\": ...} object a line")
+    p.add_argument("--output", required=True, help="JSONL file to write")
+    p.add_argument("--batch", type=int, default=4096, help="lines encoded per batched call")
+    p.set_defaults(func=cmd_encode)
+
 
 def _flag_values(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     return {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) is not None}
@@ -111,3 +119,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sys.stdout.write(out + "\n")
     return 0
 
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizer import encode_jsonl
+
+    encode_jsonl(args.tokenizer, args.input, args.output, args.batch)
+    return 0

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -179,3 +182,100 @@ class CodeTokenizer:
     def pieces(self, ids: Iterable[int]) -> Iterator[str]:
         for i in ids:
             yield self.sp.id_to_piece(int(i))
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """What every tokenizer kind offers: :class:`CodeTokenizer` (a SentencePiece ``.model`` file) and
+    :class:`data_pipeline.bpe_tokenizer.CodeGeeXTokenizer` (a byte-level BPE directory)."""
+
+    path: Path
+    fingerprint: str  # sha256 of the tokenizer's file(s)
+    vocab_size: int
+    eod_id: int
+    pad_id: int
+    token_dtype: np.dtype
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def piece_id(self, symbol: str) -> int: ...
+
+    def pieces(self, ids: Iterable[int]) -> Iterator[str]: ...
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """The tokenizer ``path`` holds: a ``.model`` file is SentencePiece, a directory with ``vocab.json`` and
+    ``merges.txt`` is CodeGeeX's byte-level BPE."""
+    from data_pipeline.bpe_tokenizer import CodeGeeXTokenizer, is_bpe_dir
+
+    p = Path(path)
+    if p.is_file():
+        return CodeTokenizer(p)
+    if is_bpe_dir(p):
+        return CodeGeeXTokenizer(p)
+    what = "a directory without vocab.json and merges.txt" if p.is_dir() else "missing"
+    raise FileNotFoundError(f"tokenizer {p} is {what}: give a SentencePiece .model file or a byte-level BPE "
+                            "directory (vocab.json, merges.txt, added_tokens.json)")
+
+
+def check_vocab_fits(tokenizer: TextTokenizer, padded_vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids do not all have a row in a model's (padded) embedding, naming both sizes."""
+    if tokenizer.vocab_size > padded_vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} entries but the model's padded "
+                         f"vocabulary has {padded_vocab_size} rows; ids {padded_vocab_size}..{tokenizer.vocab_size - 1} "
+                         "would have no embedding")
+
+
+def _texts(path: Path, batch: int) -> Iterator[list[str]]:
+    """The ``text`` fields of a JSONL file, ``batch`` at a time; a bad line raises naming the file and line."""
+    texts: list[str] = []
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed JSON record ({exc.msg})") from None
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                got = type(text).__name__ if isinstance(rec, dict) and "text" in rec else "no 'text' field"
+                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field, got {got}")
+            texts.append(text)
+            if len(texts) == batch:
+                yield texts
+                texts = []
+    if texts:
+        yield texts
+
+
+def encode_jsonl(tokenizer: str | Path, input_path: str | Path, output_path: str | Path,
+                 batch: int = 4096) -> dict[str, int]:
+    """``{"text": ...}`` lines in, ``{"text": ..., "ids": [...]}`` lines out (written whole or not at all);
+    returns the counts of records and tokens."""
+    tok = load_tokenizer(tokenizer)
+    src, out = Path(input_path), Path(output_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"input {src} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    records = tokens = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for texts in _texts(src, batch):
+                encoded = tok.encode_batch(texts)
+                fh.writelines(json.dumps({"text": t, "ids": ids}, ensure_ascii=False) + "\n"
+                              for t, ids in zip(texts, encoded))
+                records += len(texts)
+                tokens += sum(map(len, encoded))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("encoded %d records (%d tokens) of %s with %s into %s", records, tokens, src, tok.path, out)
+    return {"records": records, "tokens": tokens}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-CONVERT_TARGETS = ("native", "codegeex", "safetensors")  # megatron_code.convert.TARGETS, without importing torch
+CONVERT_TARGETS = ("native", "codegeex", "safetensors", "hf")  # megatron_code.convert.TARGETS, without importing torch
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -20,17 +20,21 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="between native checkpoints, the CodeGeeX-13B layout and safetensors")
+    p = sub.add_parser("convert", help="between native checkpoints, the CodeGeeX-13B layout, safetensors and a "
+                       "Hugging Face directory")
     p.add_argument("input", help="a native checkpoint (a run, checkpoints, step-N or model directory), or a CodeGeeX "
                    ".pt file with --to native")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS)
     p.add_argument("--output", required=True, help="a directory (native: created; an existing one must be a "
-                   "checkpoint, which is replaced) or a file (codegeex, safetensors)")
+                   "checkpoint, which is replaced; hf: created, an existing one must be an export) or a file "
+                   "(codegeex, safetensors)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of a native output")
     p.add_argument("--head-dim", type=int, default=128, help="CodeGeeX input: head size (heads = hidden / head size)")
     p.add_argument("--fused-qkv", action="store_true", help="CodeGeeX input: build a fused-QKV native model")
     p.add_argument("--tokenizer", help="SentencePiece model a native output carries (default: the input's; a CodeGeeX "
                    "file records none)")
+    p.add_argument("--trim-vocab", action="store_true", help="hf output: drop the embedding's padding rows beyond "
+                   "the tokenizer's vocabulary (config.json's vocab_trimmed says which)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample a completion from a checkpoint, for a quick look")
@@ -64,7 +68,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from megatron_code.convert import convert_checkpoint
 
     convert_checkpoint(args.input, args.output, args.to, tp=args.tp, head_dim=args.head_dim, fused_qkv=args.fused_qkv,
-                       tokenizer=args.tokenizer)
+                       tokenizer=args.tokenizer, trim_vocab=args.trim_vocab)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Checkpoint conversion (``codegeex model convert``): a native checkpoint to another TP size, to the CodeGeeX-13B
-layout or to one safetensors file, and a CodeGeeX file to a native checkpoint. Everything goes through the TP=1
-state, on the CPU, without a process group beyond the one-rank context the meta-device model needs.
+layout, to one safetensors file or to a Hugging Face directory (:mod:`megatron_code.hf_export`), and a CodeGeeX
+file to a native checkpoint. Everything goes through the TP=1 state, on the CPU, without a process group beyond the
+one-rank context the meta-device model needs.
 
 A native input is anything :func:`~megatron_code.checkpoint.resolve_model_dir` takes (a run, checkpoints, step-N or
 model directory). A native output carries the tokenizer (the input's, or ``tokenizer``); outputs are created with
@@ -30,12 +31,13 @@ from megatron_code.checkpoint import (
     write_full_state,
 )
 from megatron_code.codegeex_format import from_codegeex, load_codegeex_file, to_codegeex
+from megatron_code.hf_export import export_hf
 from megatron_code.model import CodeGeeXModel
 from megatron_code.parallel import single_context
 
 log = logging.getLogger("codegeex.model")
 
-Target = Literal["native", "codegeex", "safetensors"]
+Target = Literal["native", "codegeex", "safetensors", "hf"]
 TARGETS: tuple[str, ...] = get_args(Target)
 
 
@@ -105,15 +107,20 @@ def _write_file(out: Path, write: Callable[[Path], object]) -> None:
 
 
 def convert_checkpoint(source: str | Path, output: str | Path, to: Target, tp: int = 1, head_dim: int = 128,
-                       fused_qkv: bool = False, tokenizer: str | Path | None = None) -> None:
+                       fused_qkv: bool = False, tokenizer: str | Path | None = None, trim_vocab: bool = False) -> None:
     """Convert ``source`` (a native checkpoint, or a CodeGeeX file when ``to`` is native) to ``output``: native
-    (``tp``-way, carrying the tokenizer: ``tokenizer`` or the input's), codegeex (a .pt file) or safetensors (one
-    TP=1 file, the model config in its metadata). ``head_dim`` and ``fused_qkv`` shape the model built from a
-    CodeGeeX file."""
+    (``tp``-way, carrying the tokenizer: ``tokenizer`` or the input's), codegeex (a .pt file), safetensors (one
+    TP=1 file, the model config in its metadata) or hf (a Hugging Face directory; ``trim_vocab``: drop the padded
+    vocabulary rows). ``head_dim`` and ``fused_qkv`` shape the model built from a CodeGeeX file."""
     if to not in TARGETS:
         raise ValueError(f"conversion target {to!r} must be one of {', '.join(TARGETS)}")
     if tokenizer and to != "native":
         raise ValueError(f"--tokenizer: only a native checkpoint carries a tokenizer, not --to {to}")
+    if trim_vocab and to != "hf":
+        raise ValueError(f"--trim-vocab applies to --to hf only, not --to {to}")
+    if to == "hf":
+        export_hf(source, output, trim_vocab=trim_vocab)
+        return
     if to == "native" and Path(source).is_file():
         import_codegeex(source, output, tp, head_dim, fused_qkv, tokenizer)
         log.info("wrote %s (%s)", output, to)

@@ -351,8 +351,7 @@ def load_elastic_checkpoint(path: Path, engine: Any, model: CodeGeeXModel) -> di
     opt = state["optimizer"]
     load_optimizer_state(path / OPTIMIZER_DIR, engine, model, read_manifest(path / "model").tensors, opt["steps"])
     restore_schedule(engine, opt["scheduler"], opt["counters"], opt.get("loss_scaler"))
-    _restore_rng(path, same_world=trainer_state(path)["layout"]["tp"] * trainer_state(path)["layout"]["dp"]
-                 == dist.get_world_size())
+    _restore_rng(path, same_world=state["layout"]["tp"] * state["layout"]["dp"] == dist.get_world_size())
     return state
 
 
