@@ -69,9 +69,29 @@ def parse_anywhere(parser: argparse.ArgumentParser, argv: list[str]) -> argparse
     return args
 
 
+def pop_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--log-level X`` (or ``--log-level=X``) taken from anywhere before a ``--`` (after it, the words are a
+    nested job's own command line): the top-level flag then works after the group and subcommand too."""
+    level, out = None, []
+    i, end = 0, argv.index("--") if "--" in argv else len(argv)
+    while i < len(argv):
+        word = argv[i]
+        if i < end and word == "--log-level" and i + 1 < end:
+            level, i = argv[i + 1], i + 2
+            continue
+        if i < end and word.startswith("--log-level="):
+            level = word.split("=", 1)[1]
+        else:
+            out.append(word)
+        i += 1
+    return level, out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_anywhere(parser, expand_argument_file(sys.argv[1:] if argv is None else argv))
+    level, words = pop_log_level(expand_argument_file(sys.argv[1:] if argv is None else argv))
+    args = parse_anywhere(parser, words)
+    args.log_level = level or args.log_level
     setup_logging(args.log_level)
     if args.group == "train":
         # a rank started by hand (`torchrun -m launch.cli train ...`, not `codegeex launch`) gets what the launchers

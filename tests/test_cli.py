@@ -29,3 +29,12 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, caplog, tokenizer_model):
     assert "missing does not exist" in caplog.text
     assert main(["data", "inspect", str(tmp_path)]) == 1
     assert "manifest.json does not exist" in caplog.text
+
+
+def test_log_level_anywhere_before_a_nested_command():
+    from launch.cli import pop_log_level
+
+    assert pop_log_level(["data", "inspect", "S", "--log-level", "DEBUG"]) == ("DEBUG", ["data", "inspect", "S"])
+    assert pop_log_level(["--log-level=WARNING", "plan", "--model", "tiny"]) == ("WARNING", ["plan", "--model", "tiny"])
+    nested = ["launch", "local", "--nproc", "2", "--", "eval", "generate", "--log-level", "DEBUG"]
+    assert pop_log_level(nested) == (None, nested)  # the nested job's own flag stays with it
