@@ -153,6 +153,7 @@ class StoreManifest:
     languages: dict[str, LanguageCounts] = field(default_factory=dict)
     skips: dict[str, int] = field(default_factory=dict)
     corrupt_inputs: list[CorruptInput] = field(default_factory=list)  # sorted by file; counted in ``skips`` too
+    redactions: dict[str, int] = field(default_factory=dict)  # replacements per kind (data_pipeline.redact.KINDS)
     dedup: dict[str, Any] = field(default_factory=dict)
     contaminated_examples: list[dict[str, str]] = field(default_factory=list)
     shards: list[ShardEntry]

@@ -34,6 +34,7 @@ from data_pipeline.default_corpus import expand_inputs
 from data_pipeline.documents import Document, accepted_documents
 from data_pipeline.filters import SyntaxChecker
 from data_pipeline.pairs import pair_tokens
+from data_pipeline.redact import KINDS, Redactor, redact_documents
 from data_pipeline.sources import Unit, enumerate_units
 from data_pipeline.spool import merge_spools, spool_done, unit_stats, write_spool
 from data_pipeline.tokenizer import EOD, CodeTokenizer
@@ -46,7 +47,8 @@ WORK = ".work"
 def spool_identity(cfg: BuildConfig, tokenizer: CodeTokenizer) -> str:
     """Hash of everything that changes a spool: resuming with other settings is refused."""
     parts = {k: v for k, v in to_dict(cfg).items() if k in ("inputs", "unit_mb", "max_input_mb_per_language",
-                                                            "fields", "filters", "dedup", "decontam", "extract")}
+                                                            "fields", "filters", "redact", "dedup", "decontam",
+                                                            "extract")}
     parts["tokenizer"] = tokenizer.fingerprint
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -62,6 +64,7 @@ class UnitProcessor:
         self.checker = SyntaxChecker(cfg.filters.max_parse_error_fraction)
         self.minhash = MinHasher(cfg.dedup) if cfg.dedup.near else None
         self.contamination = contamination
+        self.redactor = Redactor(cfg.redact) if cfg.redact.active() else None
         self.eod = self.tokenizer.eod_id
 
     def _tokens(self, docs: list[Document]) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -102,6 +105,10 @@ class UnitProcessor:
         corrupt: list[Corrupt] = []
         docs = list(accepted_documents(unit, self.cfg.fields, self.cfg.filters, self.cfg.extract, self.checker, skips,
                                        corrupt))
+        redactions: Counter[str] = Counter()
+        if self.redactor is not None:  # before hashing, so documents differing only in a secret are duplicates
+            self.redactor.counts = redactions
+            docs = redact_documents(docs, self.redactor)
         tokens = self._tokens(docs)
         sigs = [self.minhash.signature(d.text) for d in docs] if self.minhash else None
         write_spool(
@@ -112,7 +119,7 @@ class UnitProcessor:
             contaminated=[self.contamination.match(d.text) if self.contamination else None for d in docs],
             token_dtype=self.tokenizer.token_dtype,
             stats={"unit": unit.index, "documents": len(docs), "skips": dict(skips),
-                   "corrupt": _tally(corrupt).records()},
+                   "corrupt": _tally(corrupt).records(), "redactions": dict(redactions)},
         )
         return {"unit": unit.index, "documents": len(docs)}
 
@@ -131,6 +138,14 @@ def corrupt_inputs(work: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     for i in range(state["units"]):
         tally.merge(unit_stats(work, i).get("corrupt", []))
     return sorted(tally.records(), key=lambda r: str(r["file"]))
+
+
+def redactions(work: Path, state: dict[str, Any], cfg: BuildConfig) -> dict[str, int]:
+    """Replacements per kind over the documents the filters accepted (duplicates included); {} when it is off."""
+    total: Counter[str] = Counter()
+    for i in range(state["units"]):
+        total.update(unit_stats(work, i).get("redactions", {}))
+    return {k: int(total[k]) for k in KINDS if k in cfg.redact.active()}
 
 
 _PROCESSOR: UnitProcessor | None = None
@@ -252,6 +267,7 @@ def merge(cfg: BuildConfig, command: list[str]) -> StoreManifest:
     manifest = merge_spools(cfg, work, state, progress)
     corrupt = corrupt_inputs(work, state)
     manifest.corrupt_inputs = [from_mapping(CorruptInput, r) for r in corrupt]
+    manifest.redactions = redactions(work, state, cfg)
     warn_corrupt(corrupt)
     if manifest.total_windows == 0:
         skips = ", ".join(f"{k} {v}" for k, v in sorted(manifest.skips.items()) if v) or "no input file was found"
@@ -278,6 +294,7 @@ def log_summary(m: StoreManifest, out: Path) -> None:
     corrupt = corrupt_summary([(c.file, c.items) for c in m.corrupt_inputs])
     log.info("read: skipped %s; corrupt inputs: %s", fmt(read), corrupt)
     log.info("filters: skipped %s", fmt(filtered))
+    log.info("redaction: replaced %s", ", ".join(f"{k} {v:,}" for k, v in m.redactions.items()) or "nothing (off)")
     log.info("dedup and decontamination: dropped %s", fmt(("exact_duplicate", "near_duplicate", "contaminated")))
     log.info("tokenized: %s documents, %s tokens (%s)", f"{m.total_documents:,}", f"{m.total_tokens:,}",
              ", ".join(f"{k} {v.tokens:,}" for k, v in sorted(m.languages.items(), key=lambda kv: -kv[1].tokens)))

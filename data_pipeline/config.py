@@ -10,6 +10,7 @@ from data_pipeline.decontam import DecontamConfig
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.extract import ExtractConfig
 from data_pipeline.filters import FilterConfig
+from data_pipeline.redact import RedactConfig
 from data_pipeline.sources import RecordFields
 
 
@@ -46,6 +47,8 @@ class BuildConfig:
     keep_work: bool = option(False, "keep the per-unit spools in OUTPUT/.work after the store is written")
     fields: RecordFields = option(RecordFields, "field names in .jsonl and Parquet records")
     filters: FilterConfig = option(FilterConfig, "per-document filters")
+    redact: RedactConfig = option(RedactConfig, "redaction of e-mails, IP addresses and secrets (after the filters, "
+                                  "before dedup, decontamination and tokenizing)")
     dedup: DedupConfig = option(DedupConfig, "exact and near deduplication")
     decontam: DecontamConfig = option(DecontamConfig, "decontamination against benchmarks")
     extract: ExtractConfig = option(ExtractConfig, "function-level extraction and comment removal")
