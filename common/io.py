@@ -42,20 +42,26 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a ``.jsonl`` or ``.jsonl.gz`` file; a malformed line raises naming the file and line."""
+def read_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a ``.jsonl`` or ``.jsonl.gz`` file; a line that is not
+    JSON raises naming the file and line."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as raw:
         for lineno, line in enumerate(raw, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON record ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield rec
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a ``.jsonl`` or ``.jsonl.gz`` file; a malformed line raises naming the file and line."""
+    for lineno, rec in read_json_lines(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield rec
 
 
 def tree(root: Path, skip: Collection[str] = ()) -> Iterator[Path]:

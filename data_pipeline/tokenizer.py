@@ -29,7 +29,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from common.io import write_bytes_atomic
+from common.io import read_json_lines, write_bytes_atomic
 from data_pipeline.languages import LANGUAGES, Language
 
 log = logging.getLogger(__name__)
@@ -235,22 +235,15 @@ def check_vocab_fits(tokenizer: TextTokenizer, padded_vocab_size: int) -> None:
 def _texts(path: Path, batch: int) -> Iterator[list[str]]:
     """The ``text`` fields of a JSONL file, ``batch`` at a time; a bad line raises naming the file and line."""
     texts: list[str] = []
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON record ({exc.msg})") from None
-            text = rec.get("text") if isinstance(rec, dict) else None
-            if not isinstance(text, str):
-                got = type(text).__name__ if isinstance(rec, dict) and "text" in rec else "no 'text' field"
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field, got {got}")
-            texts.append(text)
-            if len(texts) == batch:
-                yield texts
-                texts = []
+    for lineno, rec in read_json_lines(path):
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str):
+            got = type(text).__name__ if isinstance(rec, dict) and "text" in rec else "no 'text' field"
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field, got {got}")
+        texts.append(text)
+        if len(texts) == batch:
+            yield texts
+            texts = []
     if texts:
         yield texts
 
