@@ -23,6 +23,7 @@ Checkpoint manifest versions:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ from typing import Any, Literal, TypeVar
 from common.config import ConfigError, from_mapping, to_dict
 from common.integrity import FileRecord
 from common.io import file_sha256, write_json_atomic
+
+# the files that make a byte-level BPE tokenizer directory's identity (CodeGeeX's release); the configs beside them
+# (tokenizer_config.json, special_tokens_map.json) are carried but do not change a single id
+BPE_FILES = ("vocab.json", "merges.txt", "added_tokens.json")
+BPE_CARRIED = BPE_FILES + ("tokenizer_config.json", "special_tokens_map.json")
 
 MANIFEST = "manifest.json"
 STORE_FORMAT = "codegeex-token-store"
@@ -55,6 +61,20 @@ class StoreError(ManifestError):
     """A store is missing, incomplete, corrupt or of another format; the message names the file."""
 
 
+def tokenizer_sha256(path: str | Path) -> str:
+    """A tokenizer's fingerprint: the sha256 of a SentencePiece ``.model`` file, or of a BPE directory's
+    :data:`BPE_FILES` (each name, a NUL, its bytes, a NUL; a missing ``added_tokens.json`` left out)."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_sha256(p)
+    digest = hashlib.sha256()
+    for name in BPE_FILES:
+        file = p / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 @dataclass(kw_only=True)
 class TokenizerRecord:
     """The tokenizer a store was built with (and a checkpoint trained on): where it was, its fingerprint, its ids."""
@@ -67,9 +87,12 @@ class TokenizerRecord:
     eod: str = ""
     token_dtype: str = ""
     mask_id: int = -1  # -1: no [MASK] piece recorded (stores built before corrupt-code-clm existed)
+    # the ids the pipeline itself inserts ([MASK] and PanGu-Coder's markers): rows a released model never trained,
+    # set to the mean trained row when training starts from a converted checkpoint (empty in older stores)
+    marker_ids: list[int] = field(default_factory=list)
 
     def candidates(self, base: str | Path | None = None) -> list[Path]:
-        """Where the recorded file may be, in order: relative to ``base`` (a checkpoint directory), as recorded
+        """Where the recorded file (or BPE directory) may be, in order: relative to ``base`` (a checkpoint directory), as recorded
         (absolute, or relative to the working directory)."""
         path = Path(self.path)
         return [path] if path.is_absolute() or not base else [Path(base) / path, path]
@@ -79,7 +102,7 @@ class TokenizerRecord:
         ``base`` was given (a checkpoint from before they carried their tokenizer), with a warning."""
         looked = self.candidates(base)
         for i, path in enumerate(looked):
-            if path.is_file():
+            if path.is_file() or path.is_dir():
                 if base and i > 0 and not path.is_absolute():
                     log.warning("%s: tokenizer %s found relative to the working directory (%s), not in the checkpoint "
                                 "(written before checkpoints carried it); convert the checkpoint to carry it",
@@ -89,9 +112,9 @@ class TokenizerRecord:
                                 f"(looked at {', '.join(str(p) for p in looked)}); pass --tokenizer MODEL")
 
     def verify(self, path: str | Path, where: str | Path = "") -> None:
-        """Refuse ``path`` when a fingerprint is recorded and its bytes hash to another one."""
+        """Refuse ``path`` when a fingerprint is recorded and its bytes hash to another one (:func:`tokenizer_sha256`)."""
         if self.sha256:
-            got = file_sha256(path)
+            got = tokenizer_sha256(path)
             if got != self.sha256:
                 raise ValueError(f"{where or 'the checkpoint'}: tokenizer {path} has sha256 {got}, the checkpoint "
                                  f"records {self.sha256} (not the tokenizer it was trained with); pass --tokenizer "

@@ -11,13 +11,18 @@ GPT-2's byte-level pre-tokens, and the decoder is byte-level followed by the rev
 through ``encode_batch_fast`` (parallel, no offsets); the BPE keeps its own word cache, so no segment cache is
 kept here.
 
-One limit, shared with CodeGeeX: a text that literally contains ``<|extratoken_N|>`` (N = 10..18) decodes with
-spaces in its place; ``<|endoftext|>`` in a text is encoded as the document end.
+The pipeline's own markers (``[MASK]``, PanGu-Coder's ``[descr]``, ``[eoc]``, ..., and the code markers such as
+``[python]``) stand for added tokens CodeGeeX never uses, ``<|extratoken_19|>`` (id 50275) to
+``<|extratoken_48|>`` (id 50304), and decode as the marker's text. They are only ever inserted as ids: a text holding
+``[MASK]`` is encoded as CodeGeeX encodes it.
+
+One limit, shared with CodeGeeX: a text that literally contains ``<|extratoken_N|>`` decodes with spaces or a marker
+in its place, and ``<|endoftext|>`` in a text is encoded as the document end; the build skips such documents
+(``special_token_text``, :attr:`CodeGeeXTokenizer.reserved_texts`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,17 +30,28 @@ from pathlib import Path
 
 import numpy as np
 
+from common.contracts import tokenizer_sha256
+from data_pipeline.languages import Language
+from data_pipeline.markers import EOD, marker_symbols
+
 log = logging.getLogger(__name__)
 
-EOD = "<|endoftext|>"
-FILES = ("vocab.json", "merges.txt", "added_tokens.json")
 START_EXTRA_ID = 10  # CodeGeeX's start_extra_id: a run of n spaces is <|extratoken_{START_EXTRA_ID + n - 2}|>
 MAX_RUN = 10  # CodeGeeX's max_len: the longest run one token stands for
+# PanGu-Coder's markers and the code markers ([MASK], [descr], [python], ...: data_pipeline.tokenizer.marker_symbols)
+# take added tokens CodeGeeX leaves unused, from <|extratoken_19|> (id 50275) on: 30 of them, ids 50275-50304
+FIRST_MARKER_EXTRA = 19
+EXTRA = "<|extratoken_{}|>"
 
 
 def whitespace_token(n: int) -> str:
     """The added token that stands for a run of ``n`` spaces (2 <= n <= 10)."""
-    return f"<|extratoken_{START_EXTRA_ID + n - 2}|>"
+    return EXTRA.format(START_EXTRA_ID + n - 2)
+
+
+def marker_tokens() -> dict[str, str]:
+    """Each pipeline marker (``[MASK]``, ``[descr]``, ``[python]``, ...) -> the added token that stands for it."""
+    return {symbol: EXTRA.format(FIRST_MARKER_EXTRA + i) for i, symbol in enumerate(marker_symbols())}
 
 
 def is_bpe_dir(path: str | Path) -> bool:
@@ -67,19 +83,16 @@ class CodeGeeXTokenizer:
         self.path = Path(path)
         if not is_bpe_dir(self.path):
             raise FileNotFoundError(f"tokenizer directory {self.path} does not hold vocab.json and merges.txt")
-        digest = hashlib.sha256()
-        for name in FILES:
-            file = self.path / name
-            if file.is_file():
-                digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
-        self.fingerprint = digest.hexdigest()
+        self.fingerprint = tokenizer_sha256(self.path)
+        self.markers = marker_tokens()
         tok = Tokenizer(models.BPE.from_file(str(self.path / "vocab.json"), str(self.path / "merges.txt")))
         base_size = tok.get_vocab_size()
         tok.normalizer = normalizers.Sequence(
             [normalizers.Replace(" " * n, whitespace_token(n)) for n in range(MAX_RUN, 1, -1)])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.Sequence(
-            [decoders.ByteLevel(), *(decoders.Replace(whitespace_token(n), " " * n) for n in range(2, MAX_RUN + 1))])
+            [decoders.ByteLevel(), *(decoders.Replace(whitespace_token(n), " " * n) for n in range(2, MAX_RUN + 1)),
+             *(decoders.Replace(token, symbol) for symbol, token in self.markers.items())])
         eod = tok.token_to_id(EOD)
         if eod is None:
             raise ValueError(f"{self.path / 'vocab.json'} has no {EOD!r} entry")
@@ -89,11 +102,20 @@ class CodeGeeXTokenizer:
             if tok.token_to_id(whitespace_token(n)) is None:
                 raise ValueError(f"{self.path / 'added_tokens.json'} has no {whitespace_token(n)!r} "
                                  f"(CodeGeeX's token for {n} spaces)")
+        for symbol, token in self.markers.items():
+            if tok.token_to_id(token) is None:
+                raise ValueError(f"{self.path / 'added_tokens.json'} has no {token!r}, which stands for {symbol} "
+                                 f"(the pipeline's markers take <|extratoken_{FIRST_MARKER_EXTRA}|> on)")
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
         self.eod_id = int(eod)
         self.pad_id = self.eod_id  # CodeGeeX has no pad token; padding positions are masked out anyway
         self.token_dtype = np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.uint32)
+        # a document holding these would not come back from its ids: <|endoftext|> would end it, an added token's
+        # text would decode as spaces or a marker
+        self.reserved_texts: tuple[str, ...] = (EOD, "<|extratoken_")
+        self._tags: dict[str, list[int]] = {}
+        self.threads = -1  # 1: encode batches in this thread (inside worker pools); else tokenizers' own thread pool
         log.debug("tokenizer %s: %d entries (%d base), eod %d", self.path, self.vocab_size, base_size, self.eod_id)
 
     def encode(self, text: str) -> list[int]:
@@ -101,6 +123,8 @@ class CodeGeeXTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel: the same ids as :meth:`encode`."""
+        if self.threads == 1:
+            return [self.encode(t) for t in texts]
         return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -111,11 +135,18 @@ class CodeGeeXTokenizer:
         return str(self.tok.decode([int(i) for i in ids], skip_special_tokens=False))
 
     def piece_id(self, symbol: str) -> int:
-        """The id of a token that is one entry (``<|endoftext|>``, an ``<|extratoken_N|>``)."""
-        tid = self.tok.token_to_id(symbol)
+        """The id of a token that is one entry (``<|endoftext|>``, an ``<|extratoken_N|>``, a pipeline marker such as
+        ``[MASK]``, which stands for its added token)."""
+        tid = self.tok.token_to_id(self.markers.get(symbol, symbol))
         if tid is None:
             raise ValueError(f"tokenizer {self.path} has no {symbol!r} token")
         return int(tid)
+
+    def tag_ids(self, lang: Language) -> list[int]:
+        """The tokens of a document's first line, as CodeGeeX writes it: the tag's text and a newline."""
+        if lang.name not in self._tags:
+            self._tags[lang.name] = self.encode(lang.tag + "\n")
+        return self._tags[lang.name]
 
     def pieces(self, ids: Iterable[int]) -> Iterator[str]:
         for i in ids:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import from_mapping, to_dict
+from common.config import ConfigError, from_mapping, to_dict
 from common.contracts import MANIFEST, CorruptInput, StoreError, StoreManifest, load_store_manifest, write_manifest
 from common.io import write_json_atomic
 from common.logs import progress
@@ -37,14 +37,14 @@ from data_pipeline.pairs import pair_tokens
 from data_pipeline.redact import KINDS, Redactor, redact_documents
 from data_pipeline.sources import Unit, enumerate_units
 from data_pipeline.spool import merge_spools, spool_done, unit_stats, write_spool
-from data_pipeline.tokenizer import EOD, CodeTokenizer
+from data_pipeline.tokenizer import TextTokenizer, load_tokenizer, tokenizer_record
 
 log = logging.getLogger(__name__)
 WORK = ".work"
 
 
 
-def spool_identity(cfg: BuildConfig, tokenizer: CodeTokenizer) -> str:
+def spool_identity(cfg: BuildConfig, tokenizer: TextTokenizer) -> str:
     """Hash of everything that changes a spool: resuming with other settings is refused."""
     parts = {k: v for k, v in to_dict(cfg).items() if k in ("inputs", "unit_mb", "max_input_mb_per_language",
                                                             "fields", "filters", "redact", "dedup", "decontam",
@@ -58,7 +58,7 @@ class UnitProcessor:
 
     def __init__(self, cfg: BuildConfig, work: Path, contamination: ContaminationIndex | None) -> None:
         self.cfg, self.work = cfg, work
-        self.tokenizer = CodeTokenizer(cfg.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
         if cfg.workers > 1:
             self.tokenizer.threads = 1  # the pool already uses every core
         self.checker = SyntaxChecker(cfg.filters.max_parse_error_fraction)
@@ -100,11 +100,21 @@ class UnitProcessor:
             return arr, None
         return pair_tokens(tok, d, self.cfg.extract)
 
+    def _without_reserved(self, docs: list[Document], skips: Counter[str]) -> list[Document]:
+        """Documents holding a special token's text (``<|endoftext|>``, an added token) are skipped: their ids would
+        end them early or decode to other text."""
+        reserved = self.tokenizer.reserved_texts
+        kept = [d for d in docs if not any(r in d.text for r in reserved)]
+        if len(kept) < len(docs):
+            skips["special_token_text"] += len(docs) - len(kept)
+        return kept
+
     def __call__(self, unit: Unit) -> dict[str, Any]:
         skips: Counter[str] = Counter()
         corrupt: list[Corrupt] = []
         docs = list(accepted_documents(unit, self.cfg.fields, self.cfg.filters, self.cfg.extract, self.checker, skips,
                                        corrupt))
+        docs = self._without_reserved(docs, skips)
         redactions: Counter[str] = Counter()
         if self.redactor is not None:  # before hashing, so documents differing only in a secret are duplicates
             self.redactor.counts = redactions
@@ -167,7 +177,8 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
     out = Path(cfg.output)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = CodeTokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_tokenizer_settings(cfg, tokenizer)
     corrupt: list[Corrupt] = []
     with progress(desc="list inputs", unit=" files") as bar:
         units, skips = enumerate_units(expand_inputs(cfg.inputs), int(cfg.unit_mb * 2**20), cfg.filters.max_file_bytes,
@@ -175,10 +186,7 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
                                        corrupt=corrupt)
     state = {"identity": spool_identity(cfg, tokenizer), "units": len(units), "enumeration_skips": dict(skips),
              "enumeration_corrupt": _tally(corrupt).records(),
-             "tokenizer": {"path": str(cfg.tokenizer), "sha256": tokenizer.fingerprint,
-                           "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "pad_id": tokenizer.pad_id,
-                           "eod": EOD, "token_dtype": tokenizer.token_dtype.name,
-                           "mask_id": tokenizer.piece_id("[MASK]")}}
+             "tokenizer": to_dict(tokenizer_record(tokenizer))}
     state_file = work / "state.json"
     if state_file.exists():
         old = json.loads(state_file.read_text())
@@ -189,6 +197,13 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
         write_json_atomic(state_file, state)
         write_json_atomic(work / "config.json", to_dict(cfg))
     return work, units, state
+
+
+def check_tokenizer_settings(cfg: BuildConfig, tokenizer: TextTokenizer) -> None:
+    """Settings that need a SentencePiece tokenizer are refused with another one, naming both."""
+    if cfg.extract.normalize_whitespace and not hasattr(tokenizer, "sp"):
+        raise ConfigError(f"extract.normalize_whitespace needs a tokenizer with [new_line]/[indent]/[dedent] pieces; "
+                          f"{cfg.tokenizer} is a byte-level BPE with its own whitespace tokens (set it false)")
 
 
 def run_phase_a(cfg: BuildConfig, work: Path, units: list[Unit]) -> None:
@@ -225,7 +240,7 @@ def up_to_date(cfg: BuildConfig) -> StoreManifest | None:
     except StoreError as exc:  # another version or a damaged manifest: not this build's result, so build again
         log.warning("%s; building the store again", exc)
         return None
-    identity = spool_identity(cfg, CodeTokenizer(cfg.tokenizer))
+    identity = spool_identity(cfg, load_tokenizer(cfg.tokenizer))
     same_pack = manifest.config.get("pack") == to_dict(cfg)["pack"]
     return manifest if manifest.identity == identity and same_pack else None
 

@@ -16,7 +16,7 @@ from data_pipeline.languages import Language, load_grammar
 SKIP_REASONS = (
     "unreadable", "symlink_loop", "duplicate_directory", "not_a_training_language", "over_language_cap", "malformed_record",
     "empty", "too_large", "binary", "invalid_utf8", "avg_line_too_long", "line_too_long", "parse_error",
-    "exact_duplicate", "near_duplicate", "contaminated",
+    "special_token_text", "exact_duplicate", "near_duplicate", "contaminated",
 )
 
 

@@ -44,9 +44,9 @@ def inspect_store(path: str | Path, samples: int = 3, chars: int = 600, tokenize
     lines += [_table(skips, ["skipped because", "files/documents"]) if skips else "nothing skipped", ""]
     shown = []
     if samples and len(store):
-        from data_pipeline.tokenizer import CodeTokenizer
+        from data_pipeline.tokenizer import load_tokenizer
 
-        tok = CodeTokenizer(tokenizer_path or m.tokenizer.path)
+        tok = load_tokenizer(tokenizer_path or m.tokenizer.path)
         order = np.random.default_rng(0).permutation(len(store))[:1000].tolist()
         starts_inside = [i for i in order if len(store[i].doc_starts) > 0]  # show boundaries where there are some
         picked = (starts_inside + [i for i in order if i not in set(starts_inside)])[:samples]

@@ -22,7 +22,7 @@ from data_pipeline.whitespace import normalize_split
 if TYPE_CHECKING:
     from data_pipeline.documents import Document
     from data_pipeline.extract import ExtractConfig
-    from data_pipeline.tokenizer import CodeTokenizer
+    from data_pipeline.tokenizer import TextTokenizer
 
 
 def split_code(signature: str, body: str, normalize_whitespace: bool) -> tuple[str, str]:
@@ -33,7 +33,7 @@ def split_code(signature: str, body: str, normalize_whitespace: bool) -> tuple[s
     return normalize_split(signature + body, len(signature))
 
 
-def _layout(tok: CodeTokenizer, language: Language, docstring: str, signature: str, body: str,
+def _layout(tok: TextTokenizer, language: Language, docstring: str, signature: str, body: str,
             order: str) -> list[tuple[list[int], int]]:
     """(token ids, modality) runs in order; ``body`` is empty for a prompt."""
     tag = list(tok.tag_ids(language))
@@ -55,7 +55,7 @@ def _join(runs: list[tuple[list[int], int]], dtype: np.dtype) -> tuple[np.ndarra
     return ids, modality
 
 
-def pair_tokens(tok: CodeTokenizer, d: Document, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
+def pair_tokens(tok: TextTokenizer, d: Document, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
     """A pair document's token ids (ending ``[eoc]`` EOD) and their modality."""
     assert d.pair is not None
     signature, body = split_code(d.pair.signature, d.pair.body, cfg.normalize_whitespace)
@@ -64,7 +64,7 @@ def pair_tokens(tok: CodeTokenizer, d: Document, cfg: ExtractConfig) -> tuple[np
     return _join(runs, tok.token_dtype)
 
 
-def pair_prompt(tok: CodeTokenizer, language: Language, docstring: str, signature: str, code_prefix: str = "",
+def pair_prompt(tok: TextTokenizer, language: Language, docstring: str, signature: str, code_prefix: str = "",
                 order: str = "docstring_first", normalize_whitespace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The prompt a modality-relative model continues: the layout up to the signature (docstring_first) or the code
     marker (signature_first), plus ``code_prefix`` (the first lines of a solution, for incremental pass@k)."""

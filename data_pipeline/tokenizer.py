@@ -29,17 +29,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from common.contracts import TokenizerRecord
 from common.io import read_json_lines, write_bytes_atomic
 from data_pipeline.languages import LANGUAGES, Language
+from data_pipeline.markers import EOD, MARKERS, marker_symbols
 
 log = logging.getLogger(__name__)
 
-EOD = "<|endoftext|>"
 PAD = "<pad>"
-# PanGu-Coder's markers: [descr] starts a docstring, a per-language marker such as [python] starts the code,
-# [eoc] ends it; [MASK] replaces corrupted docstring tokens; [sos] starts the PyCodeGPT order; the last three are
-# the reversible whitespace normalisation.
-MARKERS = ["[descr]", "[eoc]", "[MASK]", "[sos]", "[new_line]", "[indent]", "[dedent]"]
 META_SPACE = "\u2581"
 _SEGMENT = re.compile(r" +[^ ]*|[^ ]+")
 
@@ -115,6 +112,8 @@ class CodeTokenizer:
         self._tags: dict[str, list[int]] = {}
         self.threads = -1  # SentencePiece threads for batched calls (-1: all cores; 1 inside worker pools)
         self.cache_entries = 100_000  # segments per generation (about 15 MB each at most)
+        # texts a document may not hold: encoded, it would end the document in the middle
+        self.reserved_texts: tuple[str, ...] = (EOD,)
 
     def _require(self, piece: str) -> int:
         pid = self.sp.piece_to_id(piece)
@@ -196,6 +195,9 @@ class TextTokenizer(Protocol):
     pad_id: int
     token_dtype: np.dtype
 
+    threads: int  # 1: no threads of its own (inside worker pools); -1: all cores
+    reserved_texts: tuple[str, ...]  # texts a document may not hold (special tokens' text: no lossless round trip)
+
     def encode(self, text: str) -> list[int]: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
@@ -205,6 +207,8 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def piece_id(self, symbol: str) -> int: ...
+
+    def tag_ids(self, lang: Language) -> list[int]: ...
 
     def pieces(self, ids: Iterable[int]) -> Iterator[str]: ...
 
@@ -219,9 +223,29 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         return CodeTokenizer(p)
     if is_bpe_dir(p):
         return CodeGeeXTokenizer(p)
-    what = "a directory without vocab.json and merges.txt" if p.is_dir() else "missing"
-    raise FileNotFoundError(f"tokenizer {p} is {what}: give a SentencePiece .model file or a byte-level BPE "
-                            "directory (vocab.json, merges.txt, added_tokens.json)")
+    if p.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {p} has no vocab.json and merges.txt: give a SentencePiece "
+                                ".model file or a byte-level BPE directory (vocab.json, merges.txt, added_tokens.json)")
+    raise FileNotFoundError(f"tokenizer model {p} does not exist: give a SentencePiece .model file (train one with "
+                            "`codegeex data tokenizer`) or a byte-level BPE directory (vocab.json, merges.txt, "
+                            "added_tokens.json)")
+
+
+def marker_ids(tokenizer: TextTokenizer) -> list[int]:
+    """The ids of :func:`marker_symbols` (``[MASK]`` and PanGu-Coder's markers) in ``tokenizer``."""
+    return [tokenizer.piece_id(symbol) for symbol in marker_symbols()]
+
+
+def tokenizer_record(tokenizer: TextTokenizer) -> TokenizerRecord:
+    """What a store or checkpoint records of ``tokenizer``: its path, fingerprint and ids (no [MASK] and no markers
+    for a SentencePiece model trained before they existed)."""
+    try:
+        mask, markers = tokenizer.piece_id("[MASK]"), marker_ids(tokenizer)
+    except ValueError:
+        mask, markers = -1, []
+    return TokenizerRecord(path=str(tokenizer.path), sha256=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
+                           eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, eod=EOD,
+                           token_dtype=tokenizer.token_dtype.name, mask_id=mask, marker_ids=markers)
 
 
 def check_vocab_fits(tokenizer: TextTokenizer, padded_vocab_size: int) -> None:

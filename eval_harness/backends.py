@@ -71,14 +71,14 @@ class NativeGenerator:
     name = "native"
 
     def __init__(self, cfg: GenerateConfig, checkpoint: str | Path, problems: dict[str, Any]) -> None:
-        from data_pipeline.tokenizer import CodeTokenizer
+        from data_pipeline.tokenizer import check_vocab_fits, load_tokenizer
         from eval_harness.pair_prompts import Prompter
         from megatron_code.checkpoint import load_model, read_manifest, resolve_model_dir
         from megatron_code.parallel import build_parallel_context, single_context
 
         ckpt = resolve_model_dir(checkpoint)
         manifest = read_manifest(ckpt)
-        self.tok = CodeTokenizer(manifest.tokenizer_path(cfg.tokenizer, ckpt))
+        self.tok = load_tokenizer(manifest.tokenizer_path(cfg.tokenizer, ckpt))
         fmt, self.prefix_lm = prompt_format(cfg, manifest)
         self.prompter = Prompter(self.tok, problems, fmt)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,6 +87,7 @@ class NativeGenerator:
                               f"`codegeex launch local --nproc {cfg.tp} -- eval generate ...` or torchrun")
         self.pc = build_parallel_context(cfg.tp) if world > 1 else single_context()
         self.model = load_model(ckpt, self.pc, dtype=cfg.dtype)
+        check_vocab_fits(self.tok, self.model.cfg.vocab_size)
         self.shard = Shard(self.pc.dp_rank, self.pc.dp_size, self.pc.tp_rank == 0, world)
         self.source, self.cfg = str(ckpt), cfg
         self.step: int | None = manifest.step

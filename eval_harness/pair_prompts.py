@@ -26,7 +26,7 @@ from eval_harness.stops import truncate
 from eval_harness.tasks import Kind, Task
 
 if TYPE_CHECKING:
-    from data_pipeline.tokenizer import CodeTokenizer
+    from data_pipeline.tokenizer import TextTokenizer
 
 
 def python_prompt_parts(prompt: str) -> tuple[str, str]:
@@ -45,7 +45,7 @@ def supports_pairs(task: Task) -> bool:
     return task.language == "python" and task.kind in (Kind.GENERATION, Kind.INCREMENTAL)
 
 
-def pair_task(tok: CodeTokenizer, task: Task, problem: Problem, fmt: PairLayout) -> tuple[np.ndarray, np.ndarray, str]:
+def pair_task(tok: TextTokenizer, task: Task, problem: Problem, fmt: PairLayout) -> tuple[np.ndarray, np.ndarray, str]:
     """(prompt ids, their modality, the code the prompt already holds) for a Python or MBPP task."""
     if is_mbpp(task.task_id):
         docstring, code = f"{problem.prompt}\n{problem.test.splitlines()[0]}", ""
@@ -78,7 +78,7 @@ def _normalized(code: str) -> str:
 class Prompter:
     """Token ids (and modality) of each task's prompt, and its completion from generated tokens."""
 
-    def __init__(self, tok: CodeTokenizer, problems: dict[str, Problem], fmt: PairLayout | None) -> None:
+    def __init__(self, tok: TextTokenizer, problems: dict[str, Problem], fmt: PairLayout | None) -> None:
         self.tok, self.problems, self.fmt = tok, problems, fmt
 
     def uses_pairs(self, task: Task) -> bool:

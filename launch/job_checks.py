@@ -111,6 +111,8 @@ def store_problems(label: str, path: str, cfg: Any, languages: list[str]) -> tup
     problems += [f"{label} {path}: shard {u} cannot be read" for u in unreadable if not missing]
     if meta.tokenizer.path:
         tok = Path(meta.tokenizer.path)  # absolute, or relative to the working directory (as the trainer opens it)
+        if tok.is_dir():  # a byte-level BPE directory: its vocabulary is what the trainer reads first
+            tok = tok / "vocab.json"
         if not tok.is_file():
             problems.append(f"{label} {path}: its tokenizer {meta.tokenizer.path} (recorded in {path}/{MANIFEST}) "
                             f"does not exist{' relative to ' + os.getcwd() if not tok.is_absolute() else ''}: the "

@@ -5,6 +5,7 @@ Layout::
     DIR/manifest.json                  format, model config, TP size, step, tokenizer, git revision, tensor specs
     DIR/model-tp00-of-02.safetensors   one file per tensor-parallel rank
     DIR/tokenizer.model                the SentencePiece model (and tokenizer.vocab), when the trainer knew it
+    DIR/tokenizer/                     or the byte-level BPE directory's files (CodeGeeX's tokenizer)
 
 The manifest names the tokenizer relative to DIR, so a checkpoint works from any directory and after a move. Every
 file is written 0644 and every folder 0755 whatever the umask: a checkpoint is readable by the group.
@@ -21,7 +22,6 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -36,12 +36,14 @@ from torch import Tensor
 
 from common.config import load_config, to_dict
 from common.contracts import (
+    BPE_CARRIED,
     MANIFEST,
     CheckpointManifest,
     PairLayout,
     TensorSpec,
     TokenizerRecord,
     load_checkpoint_manifest,
+    tokenizer_sha256,
     write_manifest,
 )
 from common.integrity import FileRecord, list_files, my_share, record, require, trust, verify
@@ -55,6 +57,7 @@ log = logging.getLogger("codegeex.model")
 
 LATEST = "latest"  # the pointer file's name
 TOKENIZER_FILE = "tokenizer.model"  # the tokenizer's copy in a model directory (its .vocab beside it as tokenizer.vocab)
+TOKENIZER_DIR = "tokenizer"  # a byte-level BPE tokenizer's copy (vocab.json, merges.txt, added_tokens.json, configs)
 EXPECTED = ("a model directory (with manifest.json), a step-N directory (with model/), or a checkpoints or run "
             "directory (with a latest pointer or step-N directories)")
 
@@ -112,24 +115,31 @@ def save_checkpoint(path: str | Path, model: CodeGeeXModel, step: int = 0, token
 
 def carry_tokenizer(directory: Path, record: TokenizerRecord | None,
                     source: str | Path | None = None) -> TokenizerRecord | None:
-    """Copy the tokenizer file ``source`` (default: the one ``record`` names, absolute or relative to the working
-    directory) into ``directory`` as ``tokenizer.model``, with its ``.vocab`` beside it as ``tokenizer.vocab`` when
-    there is one; returns the record naming the copy (relative to ``directory``) with its sha256. When there is no
-    such file, or its sha256 is not the recorded one, nothing is copied and the record is returned as it is (with
-    a warning: generation will look for the recorded path, or need --tokenizer)."""
+    """Copy the tokenizer ``source`` (default: the one ``record`` names, absolute or relative to the working
+    directory) into ``directory``: a SentencePiece model as ``tokenizer.model`` (its ``.vocab`` beside it as
+    ``tokenizer.vocab`` when there is one), a BPE directory's files into ``tokenizer/``. Returns the record naming
+    the copy (relative to ``directory``) with its fingerprint. When there is no such tokenizer, or its fingerprint is
+    not the recorded one, nothing is copied and the record is returned as it is (with a warning: generation will
+    look for the recorded path, or need --tokenizer)."""
     if record is None or not (source or record.path):
         return record
     src = Path(source or record.path)
-    if not src.is_file():
+    if not (src.is_file() or src.is_dir()):
         log.warning("%s: tokenizer %s not found; the checkpoint does not carry it", directory, src)
         return record
-    data = src.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = tokenizer_sha256(src)
     if record.sha256 and record.sha256 != digest:
         log.warning("%s: tokenizer %s has sha256 %s, not the recorded %s; the checkpoint does not carry it",
                     directory, src, digest, record.sha256)
         return record
-    write_bytes_atomic(directory / TOKENIZER_FILE, data, FILE_MODE)
+    if src.is_dir():
+        (directory / TOKENIZER_DIR).mkdir(exist_ok=True, mode=DIR_MODE)
+        (directory / TOKENIZER_DIR).chmod(DIR_MODE)
+        for name in BPE_CARRIED:
+            if (src / name).is_file():
+                write_bytes_atomic(directory / TOKENIZER_DIR / name, (src / name).read_bytes(), FILE_MODE)
+        return dataclasses.replace(record, path=TOKENIZER_DIR, sha256=digest)
+    write_bytes_atomic(directory / TOKENIZER_FILE, src.read_bytes(), FILE_MODE)
     vocab = src.with_suffix(".vocab")
     if vocab.is_file():
         write_bytes_atomic(directory / Path(TOKENIZER_FILE).with_suffix(".vocab"), vocab.read_bytes(), FILE_MODE)

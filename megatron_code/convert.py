@@ -42,20 +42,13 @@ TARGETS: tuple[str, ...] = get_args(Target)
 
 
 def tokenizer_record(path: str | Path, vocab_limit: int) -> TokenizerRecord:
-    """The record of the SentencePiece model ``path`` (fingerprint and ids); refused when it has more pieces than
-    the model's vocabulary (``vocab_limit``)."""
-    from data_pipeline.tokenizer import EOD, CodeTokenizer
+    """The record of the tokenizer ``path`` (a SentencePiece model or a BPE directory: fingerprint and ids); refused
+    when it has more entries than the model's vocabulary (``vocab_limit``), naming both."""
+    from data_pipeline import tokenizer as tokenizers
 
-    tok = CodeTokenizer(path)
-    if tok.vocab_size > vocab_limit:
-        raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces, more than the model's vocab_size "
-                         f"({vocab_limit})")
-    try:
-        mask_id = tok.piece_id("[MASK]")
-    except ValueError:
-        mask_id = -1
-    return TokenizerRecord(path=str(path), sha256=tok.fingerprint, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
-                           pad_id=tok.pad_id, eod=EOD, token_dtype=tok.token_dtype.name, mask_id=mask_id)
+    tok = tokenizers.load_tokenizer(path)
+    tokenizers.check_vocab_fits(tok, vocab_limit)
+    return tokenizers.tokenizer_record(tok)
 
 
 def import_codegeex(source: str | Path, output: str | Path, tp: int = 1, head_dim: int = 128,

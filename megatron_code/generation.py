@@ -20,7 +20,7 @@ from torch import Tensor
 
 from common.config import option
 from data_pipeline.packing import PREFIX, TEXT
-from data_pipeline.tokenizer import CodeTokenizer
+from data_pipeline.tokenizer import check_vocab_fits, load_tokenizer
 from megatron_code.attention import MaskInfo, to_device
 from megatron_code.checkpoint import load_model, read_manifest
 from megatron_code.model import CodeGeeXModel, KVCache
@@ -258,11 +258,9 @@ def generate_text(checkpoint: str | Path, prompts: Sequence[str], cfg: SamplingC
 
     ckpt = resolve_model_dir(checkpoint)
     tok_path = read_manifest(ckpt).tokenizer_path(tokenizer, ckpt)
-    tok = CodeTokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     model = load_model(ckpt, single_context())
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the model's vocab_size "
-                         f"({model.cfg.vocab_size})")
+    check_vocab_fits(tok, model.cfg.vocab_size)
     outs = generate(model, [tok.encode(p) for p in prompts], cfg, pad_id=tok.pad_id, eod_id=tok.eod_id,
                     vocab_limit=tok.vocab_size)
     return [prompt + tok.decode(out) for prompt, out in zip(prompts, outs, strict=True)]

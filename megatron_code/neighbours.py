@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.tokenizer import META_SPACE, CodeTokenizer
+from data_pipeline.tokenizer import TextTokenizer, load_tokenizer
 from megatron_code.checkpoint import full_state, resolve_model_dir
 
 log = logging.getLogger("codegeex.model")
@@ -35,12 +35,12 @@ def spaces(state: dict[str, Any], model: dict[str, Any]) -> dict[str, np.ndarray
     return {"docstring": doc, "code": code}
 
 
-def token_id(tok: CodeTokenizer, word: str) -> int:
-    """The id of ``word`` as one piece of ``tok`` (as it is, or after the word-boundary mark)."""
-    for piece in (word, META_SPACE + word):
-        i = tok.sp.piece_to_id(piece)
-        if tok.sp.id_to_piece(i) == piece:
-            return int(i)
+def token_id(tok: TextTokenizer, word: str) -> int:
+    """The id of ``word`` as one token of ``tok`` (as it is, or after a space: the word-boundary form)."""
+    for text in (word, " " + word):
+        ids = tok.encode(text)
+        if len(ids) == 1:
+            return int(ids[0])
     raise ValueError(f"--tokens: {word!r} is not a single token of {tok.path}")
 
 
@@ -107,8 +107,9 @@ def plot(points: dict[str, tuple[np.ndarray, list[str], list[int]]], queries: li
 
 
 def label(piece: str) -> str:
-    """A piece as printable text: the word-boundary mark as ``_``, tabs and newlines escaped."""
-    return piece.replace("\u2581", "_").replace("\t", "\\t").replace("\n", "\\n")
+    """A piece as printable text: the word-boundary mark (SentencePiece's U+2581, byte-level BPE's U+0120) as ``_``,
+    tabs and newlines escaped."""
+    return piece.replace("\u2581", "_").replace("\u0120", "_").replace("\t", "\\t").replace("\n", "\\n")
 
 
 Neighbours = dict[str, dict[str, list[tuple[str, float]]]]  # space -> query word -> (piece, cosine), nearest first
@@ -121,7 +122,7 @@ def token_neighbours(checkpoint: str | Path, tokens: Sequence[str], k: int = 20,
     ``output``. ``tokenizer``: default, the one the checkpoint names."""
     ckpt = resolve_model_dir(checkpoint)
     manifest, state = full_state(ckpt)
-    tok = CodeTokenizer(manifest.tokenizer_path(tokenizer, ckpt))
+    tok = load_tokenizer(manifest.tokenizer_path(tokenizer, ckpt))
     tables = {name: t[:tok.vocab_size] for name, t in spaces(state, manifest.model).items()}  # (V, C) each
     queries = list(tokens)
     ids = [token_id(tok, w) for w in queries]
@@ -132,14 +133,14 @@ def token_neighbours(checkpoint: str | Path, tokens: Sequence[str], k: int = 20,
         members, groups = [], []
         found[space] = {}
         for g, i in enumerate(ids):
-            near = [(label(tok.sp.id_to_piece(j)), s, j) for j, s in nearest(unit, i, k)]
+            near = [(label(next(tok.pieces([j]))), s, j) for j, s in nearest(unit, i, k)]
             found[space][queries[g]] = [(piece, s) for piece, s, _ in near]
             log.info("%-9s %-10s %s", space, queries[g], "  ".join(f"{piece} {s:.2f}" for piece, s, _ in near[:10]))
             for j in [i] + [j for _, _, j in near]:
                 members.append(j)
                 groups.append(g)
         xy = tsne(table[members])  # (N, 2)
-        points[space] = (xy, [label(tok.sp.id_to_piece(j)) for j in members], groups)
+        points[space] = (xy, [label(next(tok.pieces([j]))) for j in members], groups)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(points, queries, out)

@@ -65,13 +65,15 @@ def grammar_keywords(language: str) -> list[str]:
 def keyword_token_ids(tokenizer_path: str | Path, languages: Iterable[str]) -> list[int]:
     """Vocabulary pieces that are exactly a keyword or built-in name of one of ``languages`` (with or without the
     leading word-boundary mark)."""
-    from data_pipeline.tokenizer import META_SPACE, CodeTokenizer
+    from data_pipeline.tokenizer import load_tokenizer
 
-    tok = CodeTokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     names: set[str] = set()
     for lang in languages:
         names |= set(python_names() if lang == "Python" else grammar_keywords(lang))
-    ids = [i for i in range(tok.vocab_size) if tok.sp.id_to_piece(i).removeprefix(META_SPACE) in names]
+    # SentencePiece marks a word boundary with U+2581, byte-level BPE with U+0120 (its spelling of a space)
+    ids = [i for i, piece in enumerate(tok.pieces(range(tok.vocab_size)))
+           if piece.removeprefix("\u2581").removeprefix("\u0120") in names]
     if not ids:
         raise ConfigError(f"tokenizer {tokenizer_path}: no piece is a keyword of {sorted(languages)}")
     return ids
@@ -96,9 +98,12 @@ def check_compatible(source: ModelConfig, target: ModelConfig, path: str | Path)
 
 
 @torch.no_grad()
-def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> CheckpointManifest:
+def init_from_checkpoint(model: CodeGeeXModel, path: str | Path, new_rows: list[int] | None = None,
+                         vocab: int = 0) -> CheckpointManifest:
     """Load a checkpoint's weights into ``model`` (any TP size), separating the embeddings if the checkpoint has
-    none and the model has some; returns the checkpoint's manifest."""
+    none and the model has some; returns the checkpoint's manifest. ``new_rows``: token ids the checkpoint never
+    trained (the store's markers), set to the mean of its rows below ``vocab`` (the tokenizer's size) when the
+    checkpoint was converted from another code base (``converted_from``: a released model)."""
     try:
         path = resolve_model_dir(path)
     except FileNotFoundError as exc:
@@ -113,6 +118,8 @@ def init_from_checkpoint(model: CodeGeeXModel, path: str | Path) -> CheckpointMa
     if problems:
         raise CorruptCheckpointError(f"init_from {path} is corrupt: " + "; ".join(problems))
     state = load_shard(path, model.pc.tp_rank, model.pc.tp_size)
+    if new_rows and manifest.converted_from:
+        _mean_rows(model, state["word_embeddings.weight"], new_rows, vocab)
     if model.docstring_embeddings is not None and not any(k.startswith("docstring_embeddings.") for k in state):
         _separate(model, state)
     load_parameters(model, state, str(path))
@@ -136,3 +143,20 @@ def _separate(model: CodeGeeXModel, state: dict[str, Tensor]) -> None:
         dist.all_reduce(on_group, group=pc.tp_group)
         rows = on_group.to(shared.device)
     state["docstring_embeddings.rows"] = rows.to(shared.dtype)  # (S, C)
+
+
+def _mean_rows(model: CodeGeeXModel, table: Tensor, ids: list[int], vocab: int) -> None:
+    """Rows ``ids`` of the word embedding (``table``: this rank's shard, changed in place) become the mean of the
+    rows below ``vocab`` that are not among them (Hewitt, 2021: a new token's logit starts at the average one, so the
+    model's distribution barely moves). The output layer is tied to this table, so its logits move with it."""
+    pc = model.pc
+    start = pc.tp_rank * table.shape[0]
+    rows = torch.arange(start, start + table.shape[0], device=table.device)  # (V/tp,): the ids this rank holds
+    fresh = torch.isin(rows, torch.tensor(ids, dtype=torch.long, device=table.device))  # (V/tp,)
+    trained = (rows < vocab) & ~fresh  # (V/tp,)
+    part = torch.cat([table[trained].float().sum(0), trained.sum().float()[None]])  # (C + 1,): sum of rows, count
+    if pc.tp_size > 1:
+        on_group = part.to(collective_device(pc.tp_group))
+        dist.all_reduce(on_group, group=pc.tp_group)
+        part = on_group.to(table.device)
+    table[fresh] = (part[:-1] / part[-1].clamp(min=1)).to(table.dtype)  # (C,) broadcast over the fresh rows

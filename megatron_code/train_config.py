@@ -201,6 +201,10 @@ class TrainConfig:
     seed: int = option(1234, "seed of initialisation and of docstring corruption (the sampler has its own)")
     init_from: str = option("", "start from these weights (a run, checkpoints, step or model directory, e.g. stage 1): optimizer "
                             "and schedule start fresh; embeddings are separated here when the model asks for it")
+    init_marker_rows: Literal["mean", "keep"] = option(
+        "mean", "with init_from a converted checkpoint (a released model such as CodeGeeX-13B, through model convert "
+        "--to native): the embedding rows of the store's marker ids ([MASK], PanGu-Coder's markers), which that model "
+        "never trained; mean: each becomes the mean of the tokenizer's other rows; keep: left as they are")
     objective: ObjectiveConfig = option(ObjectiveConfig, "the training objective")
     activation_checkpointing: Literal["off", "selective", "full"] = option(
         "off", "selective: recompute attention in backward; full: recompute every layer from its input")

@@ -25,7 +25,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from common.config import to_dict
+from common.config import ConfigError, to_dict
 from common.devices import peak_tflops_for_cuda_name
 from common.io import write_text_atomic
 from common.logs import adopt_library_loggers, progress
@@ -134,6 +134,15 @@ def _peak_tflops(cfg: TrainConfig) -> float:
     return 0.0
 
 
+def check_store_vocab(cfg: TrainConfig, sampler: DataSampler) -> None:
+    """Every store's tokenizer must fit the model's (padded) embedding."""
+    for source in sampler.sources:
+        record = source.store.manifest.tokenizer
+        if record.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"store {source.store.path}: its tokenizer {record.path} has {record.vocab_size} entries "
+                              f"but model.vocab_size is {cfg.model.vocab_size} (the padded embedding's rows)")
+
+
 def build(cfg: TrainConfig, plan: ResumePlan | None = None) -> tuple[ParallelContext, CodeGeeXModel, Any, DataSampler]:
     """Process groups, model, DeepSpeed engine and sampler; every check before any work. ``plan``: filled with the
     checkpoint to resume from (verified; :func:`choose_resume`)."""
@@ -147,6 +156,7 @@ def build(cfg: TrainConfig, plan: ResumePlan | None = None) -> tuple[ParallelCon
     resolve_precision(cfg, pc.device.type == "cuda")
     ds_config = deepspeed_config(cfg, pc.dp_size, pc.device.type == "cuda")  # checks global batch = micro x acc. x DP
     sampler = DataSampler(cfg.data, pc.dp_rank, pc.dp_size)
+    check_store_vocab(cfg, sampler)
     fill_separated_ids(cfg.model, sampler.sources[0].store.manifest)
     torch.manual_seed(cfg.seed)
     plan = plan if plan is not None else ResumePlan()
@@ -159,7 +169,9 @@ def build(cfg: TrainConfig, plan: ResumePlan | None = None) -> tuple[ParallelCon
     if plan.path is not None and plan.elastic:  # DeepSpeed's files do not fit this layout: the model's do, resharded
         load_parameters(model, load_shard(plan.path / "model", pc.tp_rank, pc.tp_size), str(plan.path / "model"))
     if cfg.init_from and not resuming:
-        init_from_checkpoint(model, cfg.init_from)  # stage 2: a fresh optimizer and schedule over these weights
+        record = sampler.sources[0].store.manifest.tokenizer
+        markers = record.marker_ids if cfg.init_marker_rows == "mean" else []
+        init_from_checkpoint(model, cfg.init_from, markers, record.vocab_size)  # fresh optimizer and schedule
         log.info("weights from %s (embedding separation: %s)", cfg.init_from, cfg.model.embedding_separation)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model = model.to(pc.device)
