@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class CodeGeeXTokenizer:
         # text would decode as spaces or a marker
         self.reserved_texts: tuple[str, ...] = (EOD, "<|extratoken_")
         self._tags: dict[str, list[int]] = {}
-        self.threads = -1  # 1: encode batches in this thread (inside worker pools); else tokenizers' own thread pool
+        self._threads = -1
         log.debug("tokenizer %s: %d entries (%d base), eod %d", self.path, self.vocab_size, base_size, self.eod_id)
 
     def encode(self, text: str) -> list[int]:
@@ -123,9 +124,19 @@ class CodeGeeXTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel: the same ids as :meth:`encode`."""
-        if self.threads == 1:
-            return [self.encode(t) for t in texts]
         return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    @property
+    def threads(self) -> int:
+        """-1: batches use tokenizers' thread pool (every core); 1: this thread only, for worker pools (set through
+        ``TOKENIZERS_PARALLELISM``, which tokenizers reads at every batch, so it holds for this process)."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._threads = n
+        if n == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode many texts to arrays of ``token_dtype``; the same ids as :meth:`encode`."""

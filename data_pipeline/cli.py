@@ -24,7 +24,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("build", help="source trees -> filtered, deduplicated, packed Arrow token store")
     p.add_argument("--input", nargs="+", action="extend", dest="inputs", help="inputs; 'default' for the embedded corpus")
-    p.add_argument("--tokenizer", help="SentencePiece model")
+    p.add_argument("--tokenizer", help="a SentencePiece .model file or a byte-level BPE directory such as "
+                   "../shared/codegeex-tokenizer")
     p.add_argument("--output", help="store directory")
     p.add_argument("--seq-len", type=int, help="sequence length (windows are seq_len + 1)")
     p.add_argument("--workers", type=int, help="worker processes")

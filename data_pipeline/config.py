@@ -37,7 +37,8 @@ class BuildConfig:
 
     inputs: list[str] = option([], "directories, files, .zip, .jsonl(.gz) or .parquet; 'default' is the "
                                    "embedded corpus of source already on the machine")
-    tokenizer: str = option("", "the SentencePiece model (from `codegeex data tokenizer`)")
+    tokenizer: str = option("", "the tokenizer: a SentencePiece .model (from `codegeex data tokenizer`) or a "
+                            "byte-level BPE directory (vocab.json, merges.txt: CodeGeeX-13B's)")
     output: str = option("", "the store directory to write")
     workers: int = option(1, "worker processes for reading, filtering, parsing and tokenizing")
     unit_mb: float = option(4.0, "input per work unit in MiB; fixes the unit boundaries, not the worker count")

@@ -98,7 +98,8 @@ def _gen_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
                    help="tensor-parallel size (native: ranks per model copy, the others data-parallel; vllm: GPUs)")
     p.add_argument("--dtype", default=d.dtype, choices=get_args(Dtype),
                    help="parameters' dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="SentencePiece model (default: the one the checkpoint names)")
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help="SentencePiece .model or BPE directory (default: the one the checkpoint carries)")
     p.add_argument("--data", default=d.data, help="HumanEval-X directory")
     p.add_argument("--mbpp", default=d.mbpp, help="mbpp.jsonl (for --task mbpp; the test split, ids 11-510)")
     p.add_argument("--task", default=d.task.value, choices=[t.value for t in TaskSet])

@@ -31,8 +31,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of a native output")
     p.add_argument("--head-dim", type=int, default=128, help="CodeGeeX input: head size (heads = hidden / head size)")
     p.add_argument("--fused-qkv", action="store_true", help="CodeGeeX input: build a fused-QKV native model")
-    p.add_argument("--tokenizer", help="SentencePiece model a native output carries (default: the input's; a CodeGeeX "
-                   "file records none)")
+    p.add_argument("--tokenizer", help="tokenizer a native output carries: SentencePiece .model or BPE directory "
+                   "(default: the input's; a CodeGeeX .pt file records none)")
     p.add_argument("--trim-vocab", action="store_true", help="hf output: drop the embedding's padding rows beyond "
                    "the tokenizer's vocabulary (config.json's vocab_trimmed says which)")
     p.set_defaults(func=cmd_convert)
@@ -40,7 +40,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", help="sample a completion from a checkpoint, for a quick look")
     p.add_argument("--checkpoint", required=True, help="a run, checkpoints, step-N or model directory")
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: the one the checkpoint names)")
+    p.add_argument("--tokenizer",
+                   help="SentencePiece .model or BPE directory (default: the one the checkpoint carries)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="sampling: max_new_tokens, greedy, temperature, "
                    "top_p, top_k, seed")
     p.set_defaults(func=cmd_generate)
@@ -51,7 +52,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", required=True, help="comma-separated words, each one token, e.g. open,join,def,split")
     p.add_argument("--k", type=int, default=20, help="neighbours per token and space")
     p.add_argument("--output", default="neighbours.png", help="where the t-SNE plot (PNG) goes")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: the one the checkpoint names)")
+    p.add_argument("--tokenizer",
+                   help="SentencePiece .model or BPE directory (default: the one the checkpoint carries)")
     p.set_defaults(func=cmd_neighbours)
 
 

@@ -9,6 +9,9 @@ with ``AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)``), needs neit
     DIR/modeling_codegeex.py
     DIR/tokenizer.model                the checkpoint's SentencePiece model, when it carries one
     DIR/tokenization_codegeex.py       and its tokenizer class, tokenizer_config.json, special_tokens_map.json
+    DIR/tokenizer.json                 or, for a byte-level BPE (CodeGeeX's), the whole tokenizer with CodeGeeX's
+                                       whitespace rule as its normaliser (PreTrainedTokenizerFast, no remote code),
+                                       beside vocab.json, merges.txt and added_tokens.json
 
 Vocabulary: ``vocab_size`` is the embedding's rows as stored (the tokenizer's size padded), or with ``trim_vocab``
 the tokenizer's size (the padding rows dropped: logits over real tokens only); ``vocab_trimmed`` says which and
@@ -104,8 +107,9 @@ def _write_tokenizer(out: Path, manifest: CheckpointManifest, ckpt: Path) -> boo
         log.warning("%s carries no tokenizer; the export has none (AutoTokenizer will not load it)", ckpt)
         return False
     path = Path(manifest.tokenizer_path(None, ckpt))  # checked against its sha256
-    if not path.is_file():
-        raise ValueError(f"{path}: --to hf exports a SentencePiece model file as tokenizer, not a directory")
+    if path.is_dir():
+        _write_bpe_tokenizer(out, path, model_config(manifest).max_position_embeddings)
+        return True
     shutil.copyfile(path, out / "tokenizer.model")
     for name in TOKENIZER_FILES:
         shutil.copyfile(TEMPLATE_DIR / name, out / name)
@@ -120,6 +124,25 @@ def _write_tokenizer(out: Path, manifest: CheckpointManifest, ckpt: Path) -> boo
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return True
+
+
+def _write_bpe_tokenizer(out: Path, path: Path, context: int) -> None:
+    """CodeGeeX's tokenizer as ``tokenizer.json`` (every step in it: normaliser, added tokens, BPE, decoder), which
+    ``AutoTokenizer`` loads as a ``PreTrainedTokenizerFast`` giving our ids."""
+    from common.contracts import BPE_CARRIED
+    from data_pipeline.bpe_tokenizer import CodeGeeXTokenizer
+
+    tok = CodeGeeXTokenizer(path)
+    tok.tok.save(str(out / "tokenizer.json"))
+    for name in BPE_CARRIED[:3]:  # the released files, for reference; tokenizer.json is what loads
+        if (path / name).is_file():
+            shutil.copyfile(path / name, out / name)
+    eod = next(tok.pieces([tok.eod_id]))
+    special = {"bos_token": eod, "eos_token": eod, "unk_token": eod, "pad_token": eod}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False,
+                  "add_prefix_space": False, "model_max_length": context}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def _check_output(out: Path) -> None:

@@ -126,3 +126,38 @@ def test_refusals_name_the_flag_or_the_directory(exported, tmp_path, capsys):
     with pytest.raises(ValueError, match=f"{tmp_path / 'other'} is a non-empty directory"):
         convert_checkpoint(ckpt, tmp_path / "other", "hf")
     assert (tmp_path / "other" / "keep.txt").read_text() == "x"
+
+
+def test_codegeex_tokenizer_exports_as_tokenizer_json_with_our_ids_and_logits(tmp_path):
+    """A checkpoint carrying CodeGeeX's BPE directory exports tokenizer.json (whitespace rule inside): AutoTokenizer,
+    without remote code, gives our ids on HumanEval-X prompts and decodes them back; logits over the 50,400 real
+    tokens of a 52,224-row embedding equal ours."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from eval_harness.datasets import load_humaneval_x
+    from megatron_code.checkpoint import save_checkpoint
+    from megatron_code.convert import tokenizer_record
+    from megatron_code.model import CodeGeeXModel
+    from megatron_code.parallel import single_context
+    from tests.conftest import shared_path
+
+    shared = shared_path("codegeex-tokenizer")
+    torch.manual_seed(0)
+    model = CodeGeeXModel(tiny_config(vocab_size=52224, max_position_embeddings=512), single_context()).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer=tokenizer_record(shared, 52224))
+    out = tmp_path / "hf"
+    assert main(["model", "convert", str(tmp_path / "ckpt"), "--to", "hf", "--output", str(out), "--trim-vocab"]) == 0
+    assert {"tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json"} <= {p.name for p in out.iterdir()}
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = load_tokenizer(shared)
+    assert (theirs.eos_token_id, len(theirs)) == (50256, 50400)
+    problems = load_humaneval_x(shared_path("humaneval-x"), ["python", "cpp", "go"])
+    texts = [p.prompt for rows in problems.values() for p in rows[:5]]
+    texts.append("def f():\n          x = 1  # ten spaces, then two\n\t\treturn x\n")
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ids == ours.encode(text) and theirs.decode(ids) == text
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).float().eval()
+    tokens = torch.tensor([ours.encode(texts[0])[:40]])  # (1, 40)
+    with torch.no_grad():
+        got = hf(input_ids=tokens).logits  # (1, 40, 50400)
+    torch.testing.assert_close(got, _ours(model, tokens)[..., :50400], atol=1e-5, rtol=1e-5)
