@@ -47,9 +47,12 @@ def _rename(name: str, table: list[tuple[str, str]]) -> str:
 
 
 def load_codegeex_file(path: str | Path) -> dict[str, Tensor]:
-    """Flat CodeGeeX names -> tensors, with ``torch.load(weights_only=True)``."""
+    """Flat CodeGeeX names -> tensors, with ``torch.load(weights_only=True)``, memory-mapped where the format allows."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # memory-mapped: the 26 GB release is paged in as its tensors are resharded, not read whole first
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zipfile) format cannot be mapped
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refused: the file holds objects other than tensors and plain containers, and "
                          f"loading it would unpickle arbitrary code ({str(exc).splitlines()[0]})") from None

@@ -37,6 +37,9 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         "mlp": layers * per_layer["mlp"],
         "layernorms": layers * per_layer["layernorms"] + 2 * h,
     }
+    if cfg.embedding_separation != "none":  # stage 2's docstring table (full) or rows (partial)
+        rows = cfg.vocab_size if cfg.embedding_separation == "full" else len(cfg.separated_token_ids)
+        counts["docstring_embeddings"] = rows * h
     counts["total"] = sum(counts.values())
     return counts
 
@@ -120,6 +123,8 @@ def memory_per_rank(cfg: ModelConfig, tp: int = 1, dp: int = 1, zero_stage: int 
     (``s b V / tp`` in ``precision``) are still held beside everything saved for backward."""
     counts = parameter_counts(cfg)
     split = counts["word_embeddings"] + counts["attention"] + counts["mlp"]  # divided by TP (biases approximately)
+    if cfg.embedding_separation == "full":  # a second vocab-parallel table; partial rows are replicated
+        split += counts["docstring_embeddings"]
     params_local = split / tp + (counts["total"] - split)
     w = BYTES[precision]
     opt_bytes = 8 if w == 4 else 12

@@ -35,13 +35,23 @@ def test_every_config_table_names_real_keys():
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 COMMAND = re.compile(r"^(?:[\w.-]*\$ )?(codegeex (?:launch|plan)\b.*)$")  # `$ `, `node0$ ` prompts
 RUN_DOCS = {"operators.md": DOCS / "operators.md", "README.md": DOCS.parent / "README.md",
-            "parallelism.md": DOCS / "parallelism.md"}
+            "parallelism.md": DOCS / "parallelism.md", "continue-codegeex.md": DOCS / "continue-codegeex.md"}
 # commands of those files that this test does not run, and why (an entry that no longer matches a command fails)
 NOT_RUN = {
     "codegeex plan --model PRESET --gpus N --gpu KIND": "a synopsis: PRESET, N and KIND are placeholders",
     "codegeex plan --validate codegeex13b.yaml --world-size 1536 --gpu h100-80gb": "the 13B's shapes on 1,536 fake "
     "ranks take 20-60 s on 2 cores; benchmarks/validate_time.py runs exactly this",
     "codegeex plan --validate codegeex13b.yaml --world-size 1536": "the same, without --gpu",
+    "codegeex launch slurm configs/train/codegeex-continue.yaml --nodes 16 --gpus-per-node 8 --time 2-00:00:00":
+        "needs the converted 13B release and a store built from a real corpus (the job is validated against them)",
+    "codegeex launch slurm configs/train/codegeex-mrpt.yaml --nodes 16 --gpus-per-node 8 --time 1-00:00:00":
+        "needs the continued 13B run's checkpoint and its store",
+    "codegeex launch slurm --nodes 1 --gpus-per-node 8 -- eval generate --checkpoint runs/codegeex/converted --tp 2 "
+    "--data ../shared/humaneval-x --languages all --n 20 --temperature 0.2 --top-p 0.95 --max-new-tokens 512 "
+    "--output runs/codegeex/eval/released.samples.jsonl": "needs the converted 13B release",
+    "codegeex launch slurm --nodes 1 --gpus-per-node 8 -- eval generate --checkpoint runs/codegeex/mrpt --tp 2 "
+    "--data ../shared/humaneval-x --languages all --n 20 --temperature 0.2 --top-p 0.95 --max-new-tokens 512 "
+    "--output runs/codegeex/eval/mrpt.samples.jsonl": "needs the stage-2 13B checkpoint",
 }
 REROOT = "/data/"  # the docs' cluster paths: the test's folder stands in for /data
 
@@ -112,6 +122,8 @@ def run_as_written(command: DocCommand, root: Path, caplog, capsys) -> tuple[int
 def test_the_docs_commands_run_as_written(workdir, monkeypatch, caplog, capsys):
     commands = [c for doc, path in RUN_DOCS.items() for c in doc_commands(doc, path.read_text())]
     assert len([c for c in commands if c.doc == "operators.md"]) >= 10, commands
+    tables = [c for c in commands if c.doc == "continue-codegeex.md" and c.output]
+    assert len(tables) == 2, tables  # the 13B planner tables of steps 4 and 5, compared below
     monkeypatch.chdir(workdir)
     listed = {c.line for c in commands} & set(NOT_RUN)
     assert listed == set(NOT_RUN), f"NOT_RUN names commands the docs no longer have: {set(NOT_RUN) - listed}"
