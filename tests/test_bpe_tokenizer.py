@@ -88,9 +88,9 @@ def test_load_tokenizer_by_path_and_the_vocabulary_check(tok_dir, codegeex, toke
     check_vocab_fits(bpe, 50400)
     with pytest.raises(ValueError, match=r"has 50400 entries but the model's padded vocabulary has 50304 rows"):
         check_vocab_fits(bpe, 50304)
-    with pytest.raises(FileNotFoundError, match="without vocab.json and merges.txt"):
+    with pytest.raises(FileNotFoundError, match="has no vocab.json and merges.txt"):
         load_tokenizer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="is missing"):
+    with pytest.raises(FileNotFoundError, match="nothing.model does not exist"):
         load_tokenizer(tmp_path / "nothing.model")
 
 
@@ -121,3 +121,20 @@ def test_data_encode_cli_with_both_kinds(tok_dir, codegeex, tokenizer_model, tex
                          "--output", str(target)]) == 1
         assert f"{broken}:3: " in caplog.text and said in caplog.text, caplog.text
         assert not target.exists() and not (tmp_path / "never.jsonl.tmp").exists()
+
+
+def test_markers_tags_and_reserved_texts(codegeex):
+    """The pipeline's markers are CodeGeeX's unused added tokens (ids 50275-50304), one id each, decoded as their
+    text; tags are CodeGeeX's text; the build skips documents holding a special token's text."""
+    from data_pipeline.languages import get_language
+    from data_pipeline.markers import marker_symbols
+    from data_pipeline.tokenizer import marker_ids, tokenizer_record
+
+    ids = marker_ids(codegeex)
+    assert ids == list(range(50275, 50305)) and codegeex.piece_id("[MASK]") == 50277
+    assert codegeex.decode(ids) == "".join(marker_symbols())
+    assert codegeex.encode("[MASK]") != [50277]  # text is encoded as CodeGeeX encodes it, never as a marker
+    assert codegeex.tag_ids(get_language("Python")) == codegeex.encode("# language: Python\n") == [2, 3303, 25, 11361, 198]
+    record = tokenizer_record(codegeex)
+    assert (record.mask_id, record.marker_ids, record.eod_id, record.vocab_size) == (50277, ids, 50256, 50400)
+    assert all(any(r in t for r in codegeex.reserved_texts) for t in ["a<|endoftext|>b", "x <|extratoken_12|>"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.contracts import manifest_to_json
 from data_pipeline.build import run_build
 from data_pipeline.config import BuildConfig
@@ -342,3 +342,32 @@ def test_corrupt_inputs_of_every_format_are_skipped_named_and_counted(tokenizer_
     with pytest.raises(ValueError, match=r"nothing was accepted.*corrupt inputs: .*garbage.parquet: 1 item\(s\) "
                                          r"skipped \(unreadable 1\); first: ArrowInvalid: Parquet magic bytes"):
         build(inputs[4:7] + inputs[8:], tokenizer_model, tmp_path / "none")
+
+
+def test_codegeex_tokenizer_build_skips_special_token_text_and_round_trips(tmp_path):
+    """With CodeGeeX's BPE: documents holding a special token's text are skipped and counted; every other document
+    comes back from its ids exactly (tag line first, 50256 last); whitespace markers are refused by name."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok_dir = str(shared_path("codegeex-tokenizer"))
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = {"a.py": "def f(x):\n        return x  # eight spaces\n", "b.py": "s = '<|endoftext|>'\n",
+             "c.go": "package main\n\nfunc main() {\n\tprintln(\"hi\")   \n}\n", "d.py": "x = '<|extratoken_5|>'\n"}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    m = build([str(src)], tok_dir, tmp_path / "out", "filters.parse=false", "dedup.near=false")
+    assert m.skips["special_token_text"] == 2 and m.total_documents == 2
+    tok = load_tokenizer(tok_dir)
+    store = TokenStore(tmp_path / "out")
+    decoded = []
+    for i in range(len(store)):
+        s = store[i]
+        ids = s.tokens[:s.num_tokens].tolist()
+        for a, b in zip(s.doc_starts.tolist(), [*s.doc_starts.tolist()[1:], len(ids)]):
+            assert ids[b - 1] == 50256
+            decoded.append(tok.decode(ids[a:b - 1]))
+    assert sorted(decoded) == sorted(f"{tag}\n{texts[n]}" for n, tag in (("a.py", "# language: Python"),
+                                                                        ("c.go", "// language: Go")))
+    with pytest.raises(ConfigError, match="normalize_whitespace needs a tokenizer with"):
+        build([str(src)], tok_dir, tmp_path / "ws", "extract.functions=true", "extract.normalize_whitespace=true")
