@@ -369,5 +369,13 @@ def test_codegeex_tokenizer_build_skips_special_token_text_and_round_trips(tmp_p
             decoded.append(tok.decode(ids[a:b - 1]))
     assert sorted(decoded) == sorted(f"{tag}\n{texts[n]}" for n, tag in (("a.py", "# language: Python"),
                                                                         ("c.go", "// language: Go")))
+    from types import SimpleNamespace
+
+    from launch.job_checks import store_problems  # the launcher's pre-flight check opens the directory's files
+    assert store_problems("store", str(tmp_path / "out"), SimpleNamespace(model=SimpleNamespace(vocab_size=52224)),
+                          [])[0] == []
+    problems = store_problems("store", str(tmp_path / "out"), SimpleNamespace(model=SimpleNamespace(vocab_size=50304)),
+                              [])[0]
+    assert problems == [f"store {tmp_path / 'out'}: tokenizer vocabulary (50400) exceeds model.vocab_size (50304)"]
     with pytest.raises(ConfigError, match="normalize_whitespace needs a tokenizer with"):
         build([str(src)], tok_dir, tmp_path / "ws", "extract.functions=true", "extract.normalize_whitespace=true")
