@@ -7,8 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from eval_harness.sandbox import isolation_available
 
 
@@ -25,7 +23,9 @@ def require_isolation() -> None:
     if namespaces_possible():
         assert isolation_available(), "root with namespaces available, yet the sandbox runs without isolation"
     elif not isolation_available():
-        pytest.skip("not root or no namespaces: containment cannot be had here (the sandbox says so in its log)")
+        from tests.conftest import missing
+
+        missing("not root or no namespaces: containment cannot be had here (the sandbox says so in its log)")
 
 
 def live_processes() -> dict[int, tuple[int, str]]:

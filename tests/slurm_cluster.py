@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
@@ -61,10 +59,12 @@ def _munge_running() -> bool:
 def slurm_cluster(root: Path) -> Iterator[dict[str, str]]:
     """Yields the environment (``SLURM_CONF``) under which sbatch/scontrol talk to the test cluster."""
     missing = [d for d in DAEMONS if shutil.which(d) is None]
+    from tests.conftest import missing as unavailable
+
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): `make test` installs slurm-wlm and munge")
+        unavailable(f"SLURM is not installed ({', '.join(missing)} missing): `make test` installs slurm-wlm and munge")
     if os.geteuid() != 0:
-        pytest.skip("starting slurmctld/slurmd needs root")
+        unavailable("starting slurmctld/slurmd needs root")
     for d in ("state", "spool", "log"):
         (root / d).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import _get_current_function_mode_stack
 
+from tests.conftest import require_module
 from tests.device_audit import CollectiveDeviceAudit, HostSyncCounter
 
 HERE = "test_device_audit.py"
@@ -232,7 +233,7 @@ def test_audit_sees_collectives_in_backward() -> None:
 
 
 def test_audit_sees_deepspeed_comm() -> None:
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed")
     from deepspeed.comm.torch import TorchBackend
 
     backend = TorchBackend.__new__(TorchBackend)  # skip __init__: it builds DeepSpeed's shm extension

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from launch.cli import main
+from tests.conftest import require_module
 from tests.model_utils import tiny_config
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, TOKENIZER_VOCAB = 640, 600

@@ -22,6 +22,7 @@ from eval_harness.report import distinct_labels
 from eval_harness.report_charts import PALETTE, STATUS_COLOURS, checkpoint_colours, series_styles
 from eval_harness.scoring import score
 from launch.cli import main
+from tests.conftest import missing
 from tests.headless import CHROMIUM, Chromium
 
 PREFIX = {"python": "Python", "cpp": "CPP", "java": "Java", "js": "JavaScript", "go": "Go"}
@@ -236,9 +237,9 @@ def test_explicit_ks_show_a_dash_where_k_exceeds_n(tmp_path):
     assert "| python | 1 | 5 | 5 | 40.0 [40.0, 40.0] | 100.0 [100.0, 100.0] | - |" in md
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists() or not shutil.which("bash"),
-                    reason=f"{CHROMIUM} is not installed (Debian package chromium; make system installs it)")
 def test_report_renders_in_headless_chromium(report_dir):
+    if not Path(CHROMIUM).exists() or not shutil.which("bash"):
+        missing(f"{CHROMIUM} is not installed (Debian package chromium; make system installs it)")
     probe = """(() => {
       const imgs = [...document.images];
       const tables = [...document.querySelectorAll('table')];
