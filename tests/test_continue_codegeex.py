@@ -162,3 +162,22 @@ def test_released_codegeex_layout_to_stage_two_and_humaneval_samples(tmp_path):
     assert main(["eval", "generate", "--checkpoint", str(tmp_path / "stage2"), "--data", data, "--languages", "all",
                  "--problems", "2", "--n", "1", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "48", "--output", str(samples)]) == 0
     check_samples(samples, tokenizer)
+
+
+def test_training_refuses_a_store_whose_tokenizer_does_not_fit(tmp_path):
+    from types import SimpleNamespace
+
+    from common.config import ConfigError, load_config
+    from common.contracts import TokenizerRecord
+    from megatron_code.train_config import TrainConfig
+    from megatron_code.training import check_store_vocab
+    from tests.train_utils import values
+
+    cfg = load_config(TrainConfig, values=values("store", str(tmp_path / "run"), model__vocab_size=50304))
+    record = TokenizerRecord(path="codegeex-tokenizer", vocab_size=50400)
+    store = SimpleNamespace(path=Path("store"), manifest=SimpleNamespace(tokenizer=record))
+    with pytest.raises(ConfigError, match=r"store store: its tokenizer codegeex-tokenizer has 50400 entries but "
+                                          r"model.vocab_size is 50304"):
+        check_store_vocab(cfg, SimpleNamespace(sources=[SimpleNamespace(store=store)]))
+    cfg.model.vocab_size = VOCAB
+    check_store_vocab(cfg, SimpleNamespace(sources=[SimpleNamespace(store=store)]))
