@@ -45,7 +45,7 @@ from data_pipeline.filters import FilterConfig, SyntaxChecker, check_text
 from data_pipeline.languages import get_language
 from data_pipeline.sources import RecordFields, enumerate_units
 from data_pipeline.store import TokenStore
-from data_pipeline.tokenizer import CodeTokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.train_tokenizer import run_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,18 +71,37 @@ def make_corpus(out: Path, mb_per_language: float) -> tuple[Path, list[tuple[str
 
 # ---- Megatron's preprocessing design, reimplemented around megatron-core's IndexedDatasetBuilder ----
 class MegatronEncoder:
-    """Like tools/preprocess_data.py's Encoder: one JSON line in, token ids with EOD out."""
+    """Like tools/preprocess_data.py's Encoder: one JSON line in, one ``encode`` of its text, token ids with EOD out
+    (either tokenizer kind: a SentencePiece ``.model`` or CodeGeeX's byte-level BPE directory). ``hf:DIR``: as
+    Megatron-LM runs a Hugging Face tokenizer (``--tokenizer-type HuggingFaceTokenizer``: transformers'
+    ``AutoTokenizer``, ``tokenizer(text).input_ids`` per document), after CodeGeeX's whitespace rule in Python, as
+    CodeGeeX's own tokenizer applies it; the same ids."""
 
     def __init__(self, model: str) -> None:
         self.model = model
 
     def initializer(self) -> None:
-        MegatronEncoder.tok = CodeTokenizer(self.model)
+        MegatronEncoder.tok = load_tokenizer(self.model.removeprefix("hf:"))
+        MegatronEncoder.hf = None
+        if self.model.startswith("hf:"):
+            from transformers import AutoTokenizer
+
+            MegatronEncoder.hf = AutoTokenizer.from_pretrained(self.model.removeprefix("hf:"))
+
+    @staticmethod
+    def _hf_ids(text: str) -> list[int]:
+        for n in range(10, 1, -1):  # CodeGeeX's rule: runs of n spaces, longest first
+            text = text.replace(" " * n, f"<|extratoken_{n + 8}|>")
+        return list(MegatronEncoder.hf(text).input_ids)
 
     def encode(self, line: str) -> tuple[list[int], int]:
         data = json.loads(line)
         tok = MegatronEncoder.tok
-        ids = tok.tag_ids(get_language(data["language"])) + tok.encode(data["content"])
+        if MegatronEncoder.hf is not None:
+            tag = get_language(data["language"]).tag + "\n"
+            ids = self._hf_ids(tag) + self._hf_ids(data["content"])
+        else:
+            ids = tok.tag_ids(get_language(data["language"])) + tok.encode(data["content"])
         ids.append(tok.eod_id)
         return ids, len(line)
 
@@ -95,7 +114,8 @@ def megatron_build(corpus: Path, model: str, prefix: Path, workers: int) -> tupl
     start = time.perf_counter()
     tokens = 0
     with open(corpus) as fin, multiprocessing.get_context("fork").Pool(workers, initializer=encoder.initializer) as pool:
-        builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=DType.optimal_dtype(CodeTokenizer(model).vocab_size))
+        builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=DType.optimal_dtype(
+            load_tokenizer(model.removeprefix("hf:")).vocab_size))
         for ids, _ in pool.imap(encoder.encode, fin, 32):
             builder.add_document(ids, [len(ids)])
             tokens += len(ids)
@@ -150,7 +170,7 @@ def run_measuring_rss(cmd: list[str]) -> int:
 
 
 NO_FILTERS = ["filters.parse=false", "filters.max_line_length=100000000", "filters.max_avg_line_length=1e9",
-              "dedup.exact=false", "dedup.near=false"]
+              "dedup.exact=false", "dedup.near=false", "redact.enabled=false"]
 
 
 def stage_throughput(docs: list[tuple[str, str]]) -> dict[str, float]:

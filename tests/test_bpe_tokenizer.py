@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from launch.cli import main
 from tests.conftest import shared_path
 
 LANGS = ("python", "cpp", "java", "js", "go")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +140,18 @@ def test_markers_tags_and_reserved_texts(codegeex):
     record = tokenizer_record(codegeex)
     assert (record.mask_id, record.marker_ids, record.eod_id, record.vocab_size) == (50277, ids, 50256, 50400)
     assert all(any(r in t for r in codegeex.reserved_texts) for t in ["a<|endoftext|>b", "x <|extratoken_12|>"])
+
+
+def test_segment_cached_arrays_equal_whole_text_encoding(codegeex, texts):
+    """encode_arrays cuts texts where no token crosses and encodes each distinct segment once: the same ids as
+    encoding each text whole, on HumanEval-X, this project's sources and whitespace at every cut's edge."""
+    tricky = ["a  b", "x\n  y", "\n\nfoo\n  bar", "  lead", "a \n b", "x\t  y", "x\r\n  y\r\nz", "x" + " " * 25 + "y",
+              "", " ", "  ", "a\nb\nc", "é\n  ü", "x\n\n\n   \n\ty\n", "f(a,  b)\n}\n}\n", "'s\n's  's", "a\n\u3000b",
+              "x\n\x1cy  \x85z", "tab\t\t  x\n\ty", "<|endoftext|>\nx  y"]
+    sources = [p.read_text() for p in sorted((REPO / "megatron_code").glob("*.py"))]
+    pool = [*texts, *tricky, *sources]
+    want = codegeex.encode_batch(pool)
+    for half in (pool[: len(pool) // 2], pool):  # the second call reuses the first one's segments
+        got = codegeex.encode_arrays(half)
+        assert [g.tolist() for g in got] == want[:len(half)]
+        assert all(g.dtype == np.uint16 for g in got)
