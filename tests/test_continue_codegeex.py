@@ -7,7 +7,6 @@ five languages that decode to text, whitespace tokens as spaces."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +145,11 @@ def test_released_codegeex_layout_to_stage_two_and_humaneval_samples(tmp_path):
     converted = tmp_path / "converted"
     assert main(["model", "convert", str(tmp_path / "released.pt"), "--to", "native", "--output", str(converted),
                  "--head-dim", "8", "--tokenizer", tokenizer]) == 0
-    manifest = json.loads((converted / "manifest.json").read_text())
-    assert manifest["tokenizer"]["path"] == "tokenizer" and manifest["converted_from"].endswith("released.pt")
+    from megatron_code.checkpoint import read_manifest
+
+    converted_manifest = read_manifest(converted)
+    assert converted_manifest.tokenizer is not None and converted_manifest.tokenizer.path == "tokenizer"
+    assert (converted_manifest.converted_from or "").endswith("released.pt")
     store = tmp_path / "store"
     assert main(["data", "build", "--input", "default", "--tokenizer", tokenizer, "--output", str(store),
                  "--seq-len", "64", "--workers", "2", "max_input_mb_per_language=0.1", "extract.functions=true"]) == 0
