@@ -48,6 +48,9 @@ setup(
                   "wandb>=0.31"],  # log.wandb (offline mode needs no network; tests/test_observe.py reads its files)
         # `codegeex eval generate --backend hf` (and the native-vs-transformers benchmark); vLLM is left to GPU machines
         "hf": ["transformers>=4.56,<6"],
+        # attention_backend 'flash' on CUDA machines (built against the installed torch: `pip install .[train]`
+        # first, then `pip install --no-build-isolation .[gpu]`; it does not build without CUDA)
+        "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "import-linter>=2.17", "types-PyYAML", "types-tqdm"],
     },
     entry_points={"console_scripts": ["codegeex=launch.cli:main"]},

@@ -208,18 +208,66 @@ def test_pairs_in_the_pycodegpt_order_with_whitespace_markers(corpus, tokenizer_
         "def area(radius):\n    return math.pi * radius ** 2\n")
 
 
-def test_decontamination_drops_benchmark_leaks(corpus, tokenizer_model, tmp_path):
-    he = shared_path("humaneval-x")
-    from common.io import read_jsonl
+def _store_documents(store_dir, tok) -> list[str]:
+    """Every document of a store, decoded: each language's windows joined in store order, cut after each EOD."""
+    s = TokenStore(store_dir)
+    streams: dict[int, list[np.ndarray]] = {}
+    for i in range(len(s)):
+        w = s[i]
+        streams.setdefault(w.language, []).append(w.tokens[:w.num_tokens])
+    docs = []
+    for parts in streams.values():
+        ids = np.concatenate(parts)
+        ends = (np.flatnonzero(ids == tok.eod_id) + 1).tolist()
+        assert ends and ends[-1] == len(ids)  # no document is cut off at the end of a language
+        docs += [tok.decode(ids[a:b]) for a, b in zip([0, *ends[:-1]], ends)]
+    return docs
 
-    problem = next(iter(read_jsonl(he / "python" / "humaneval_python.jsonl.gz")))
+
+def test_decontamination_drops_benchmark_leaks(store, corpus, tokenizer_model, tmp_path):
+    """Planted HumanEval-X (Python, Java) and MBPP texts are not in the store, the planted clean files are, and
+    every document is accounted for: the store holds exactly the plain build's documents plus the clean files."""
+    he, mbpp = shared_path("humaneval-x"), shared_path("mbpp", "mbpp.jsonl")
+    from common.io import read_jsonl
+    from tests.corpus import long_python
+
+    py = next(iter(read_jsonl(he / "python" / "humaneval_python.jsonl.gz")))
+    java = list(read_jsonl(he / "java" / "humaneval_java.jsonl.gz"))[10]
+    mb = next(iter(read_jsonl(mbpp)))
+    leaks = {"solutions.py": py["prompt"] + py["canonical_solution"],
+             "Leak.java": "// copied\n" + java["declaration"] + java["canonical_solution"],
+             "mbpp_copy.py": "import sys\n\n" + mb["code"].replace("\r\n", "\n") + "\n"}
+    clean = {"clean.py": long_python(5, 200),
+             "Clean.java": "class Clean {\n    int twice(int x) {\n        return 2 * x;\n    }\n}\n"}
     leak = tmp_path / "leak"
     leak.mkdir()
-    (leak / "solutions.py").write_text(problem["prompt"] + problem["canonical_solution"])
-    m = build([*corpus[0], str(leak)], tokenizer_model, tmp_path / "d", f"decontam.humaneval_x={he}")
-    assert m.skips["contaminated"] == 1
-    assert m.contaminated_examples[0]["source"].endswith("solutions.py")
-    assert m.contaminated_examples[0]["item"] == "Python/0:prompt"
+    for name, text in {**leaks, **clean}.items():
+        (leak / name).write_text(text)
+    m = build([*corpus[0], str(leak)], tokenizer_model, tmp_path / "d", f"decontam.humaneval_x={he}",
+              f"decontam.mbpp={mbpp}")
+    assert sorted((e["source"].rsplit("/", 1)[-1], e["item"]) for e in m.contaminated_examples) == [
+        ("Leak.java", "Java/10:prompt"), ("mbpp_copy.py", "MBPP/1:solution"), ("solutions.py", "Python/0:prompt")]
+    # the counts add up: documents in (the plain build's kept and skipped, plus the 5 planted files) = kept + skipped
+    plain = store[1]
+    nonzero = lambda skips: {k: v for k, v in skips.items() if v}  # noqa: E731
+    assert nonzero(m.skips) == {**nonzero(plain.skips), "contaminated": len(leaks)}
+    assert m.total_documents == plain.total_documents + len(clean)
+    assert m.total_documents + sum(m.skips.values()) == (
+        plain.total_documents + sum(plain.skips.values()) + len(leaks) + len(clean))
+    # what the store holds, decoded: no planted benchmark line anywhere, the clean files whole
+    tok = CodeTokenizer(tokenizer_model)
+    docs = _store_documents(tmp_path / "d", tok)
+    assert len(docs) == m.total_documents
+    for name, text in leaks.items():
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 20]
+        assert len(lines) >= 3, name
+        kept = [ln for ln in lines if any(ln in d for d in docs)]
+        assert kept == [], f"{name}: benchmark lines in the store: {kept}"
+    tags = {"py": "# language: Python\n", "java": "// language: Java\n"}
+    for name, text in clean.items():
+        assert docs.count(tags[name.rsplit(".", 1)[1]] + text + "<|endoftext|>") == 1, name
+    assert sorted(docs) == sorted(_store_documents(store[0], tok) + [
+        tags[n.rsplit(".", 1)[1]] + t + "<|endoftext|>" for n, t in clean.items()])
 
 
 def test_inspect_shows_languages_skips_and_marked_samples(store, capsys):

@@ -3,10 +3,13 @@ the planner's page run as written (launches with --dry-run)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import re
 import shlex
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +26,55 @@ def test_config_tables_are_current():
     assert stale == [], f"regenerate with: python -m launch.docgen docs/*.md  (stale: {stale})"
 
 
+def _config_keys(cls: type, prefix: str = "") -> tuple[list[str], set[type], set[type]]:
+    """(every leaf key, the nested dataclasses, the dataclasses of list items) of a config class, from its fields."""
+    keys, nested, items = [], set(), set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            sub = _config_keys(tp, f"{prefix}{f.name}.")
+            keys, nested, items = keys + sub[0], nested | {tp} | sub[1], items | sub[2]
+            continue
+        keys.append(prefix + f.name)
+        items |= {a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)}
+    return keys, nested, items
+
+
 def test_every_config_table_names_real_keys():
-    text = (DOCS / "data.md").read_text()
-    for key in ("`pack.seq_len`", "`dedup.threshold`", "`decontam.humaneval_x`", "`filters.max_parse_error_fraction`",
-                "`sources`", "`global_batch_size`"):
-        assert key in text, key
+    """Each `<!-- config: module:Class -->` table of docs/*.md has a row for every field of its class (nested
+    sections dotted) and no other row; the trainer's, builder's, tokenizer's, model's and sampling's configurations
+    and every list item's class have a table; every config dataclass of their modules is documented or nested."""
+    tables: dict[type, list[str]] = {}
+    for path in sorted(DOCS.glob("*.md")):
+        for target, body in re.findall(r"<!-- config: ([\w.]+:\w+) -->\n(.*?)<!-- end config -->", path.read_text(),
+                                       re.S):
+            module, name = target.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            assert cls not in tables, f"{path.name}: a second table of {target}"
+            lines = body.strip().splitlines()
+            assert lines[:2] == ["| key | type | default | meaning |", "|---|---|---|---|"], (path.name, target)
+            rows = [re.match(r"\| `([^`]+)` \|", line) for line in lines[2:]]
+            assert all(rows), f"{path.name}: {target}: a line that is not a key's row"
+            tables[cls] = [r[1] for r in rows if r]
+    covered, modules = set(tables), set()
+    for cls, rows in tables.items():
+        keys, nested, items = _config_keys(cls)
+        where = f"{cls.__module__}:{cls.__name__}"
+        assert sorted(set(rows) - set(keys)) == [], f"{where}: rows for keys that do not exist"
+        assert sorted(set(keys) - set(rows)) == [], f"{where}: keys without a row"
+        assert len(rows) == len(set(rows)), f"{where}: a key with two rows"
+        assert items <= set(tables), f"{where}: list items without their own table: {items - set(tables)}"
+        covered |= nested
+        modules |= {c.__module__ for c in {cls, *nested}}
+    names = {f"{c.__module__}:{c.__name__}" for c in tables}
+    assert {"data_pipeline.config:BuildConfig", "data_pipeline.config:TokenizerConfig", "data_pipeline.sampler:"
+            "SamplerConfig", "megatron_code.train_config:TrainConfig", "megatron_code.config:ModelConfig",
+            "megatron_code.generation:SamplingConfig"} <= names, names
+    configs = {obj for m in modules for obj in vars(importlib.import_module(m)).values()
+               if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == m
+               and dataclasses.fields(obj) and all("help" in f.metadata for f in dataclasses.fields(obj))}
+    assert configs <= covered, f"config classes in no table: {sorted(c.__name__ for c in configs - covered)}"
 
 
 # ---- the docs' commands run as written ------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def saved_bytes(model: CodeGeeXModel, batch: int, seq: int) -> int:
 
 
 @pytest.mark.parametrize("layers,hidden,heads,seq,batch", [(2, 64, 4, 64, 2), (4, 128, 8, 128, 2), (2, 64, 4, 256, 1)])
-def test_activation_estimate_within_10_percent_of_measured(layers, hidden, heads, seq, batch):
+def test_activation_estimate_within_1_percent_of_measured(layers, hidden, heads, seq, batch):
+    """docs/model.md: the activation term is within 1% of the bytes autograd saves for tiny models."""
     cfg = tiny_config(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=4 * hidden,
                       vocab_size=256, max_position_embeddings=512)
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def test_activation_estimate_within_10_percent_of_measured(layers, hidden, heads
     measured = saved_bytes(model, batch, seq)
     estimate = memory_per_rank(cfg, seq_len=seq, micro_batch=batch, precision="float32").activations
     print(f"activations L={layers} h={hidden} s={seq} b={batch}: measured {measured:,} B, estimate {estimate:,.0f} B")
-    assert abs(estimate - measured) / measured < 0.10
+    assert abs(estimate - measured) / measured < 0.01
 
 
 def test_parameter_gradient_and_optimizer_bytes_match_the_model():

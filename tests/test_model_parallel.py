@@ -2,7 +2,8 @@
 
 One spawn checks, for TP in (2, 4): logits, loss and every gathered gradient; the same with sequence parallelism
 (TP=2, and TP=4 with the fused QKV layout), every collective on the group's device; a checkpoint saved at TP=2
-loading at TP=4 and at TP=1 (in the parent); greedy generation with a KV cache under TP=2 equal to TP=1's; and the
+loading at TP=4 and at TP=1 (in the parent), each into a model filled with other weights, which must then equal
+the saved ones exactly and give the single-process logits, loss and gradients; greedy generation with a KV cache under TP=2 equal to TP=1's; and the
 activation memory sequence parallelism saves, against the planner's formula.
 """
 
@@ -29,23 +30,49 @@ def _gather(t: torch.Tensor, dim: int | None, pc) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _full_weights(model, pc) -> dict[str, torch.Tensor]:
+    return {name: _gather(p, p.partition_dim if getattr(p, "tensor_model_parallel", False) else None, pc)
+            for name, p in model.named_parameters()}
+
+
+def reload(model, pc, path: str) -> None:
+    """Fill ``model`` with weights unlike the checkpoint's in every element (seed 1; LayerNorms included), check
+    that, load ``path`` and check every parameter is then exactly the saved one (so a load that copies nothing, or
+    only some ranks' slices, fails here)."""
+    from megatron_code.checkpoint import full_state, load_checkpoint
+
+    saved = full_state(path)[1]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    before = _full_weights(model, pc)
+    assert set(before) == set(saved)
+    for name, w in before.items():
+        assert (w != saved[name]).all(), f"{name}: starts equal to the checkpoint somewhere"
+    load_checkpoint(path, model)
+    for name, w in _full_weights(model, pc).items():
+        assert torch.equal(w, saved[name]), f"{name}: not the checkpoint's after the load"
+
+
 def run_step(pc, ckpt_dir: str | None = None, load_from: str | None = None, audit=None,
              **overrides: object) -> dict[str, np.ndarray]:
-    """Build the tiny model (seed 0), one forward/backward on the packed batch; full logits, loss and gradients
-    (the step inside ``audit``, a tests.device_audit context, when given)."""
+    """Build the tiny model (seed 0; ``load_from``: other weights, then that checkpoint, see :func:`reload`), one
+    forward/backward on the packed batch; full logits, loss, gradients and weights (the step inside ``audit``, a
+    tests.device_audit context, when given)."""
     import contextlib
 
     import torch.distributed as dist
 
-    from megatron_code.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_code.checkpoint import save_checkpoint
     from megatron_code.model import CodeGeeXModel
     from megatron_code.objectives import lm_loss, prepare_batch
     from tests.model_utils import packed_batch, tiny_config
 
     torch.manual_seed(0)
-    model = CodeGeeXModel(tiny_config(**overrides), pc)
+    model = CodeGeeXModel(tiny_config(**overrides), pc, initialize=not load_from)
     if load_from:
-        load_checkpoint(load_from, model)
+        reload(model, pc, load_from)
     with audit or contextlib.nullcontext():
         inp = prepare_batch(packed_batch())
         logits, _ = model(inp.tokens, inp.position_ids, inp.mask)
@@ -57,6 +84,7 @@ def run_step(pc, ckpt_dir: str | None = None, load_from: str | None = None, audi
         dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
         assert p.grad is not None, name
         out[f"grad:{name}"] = _gather(p.grad, dim, pc).numpy()
+    out.update({f"weight:{name}": w.numpy() for name, w in _full_weights(model, pc).items()})
     if ckpt_dir:
         save_checkpoint(ckpt_dir, model)
         dist.barrier()
@@ -151,7 +179,9 @@ def test_tensor_parallel_equals_single_process(tmp_path: Path):
     replicated = (4 * cfg.total_layers + 2) * sbh
     saved = res["memory"][False] - res["memory"][True]
     assert abs(saved - replicated / 2) / (replicated / 2) < 0.05, (saved, replicated)
-    # the TP=2 checkpoint also loads at TP=1 here, into an identically seeded model's shape
+    # the TP=2 checkpoint also loads at TP=1 here (into other weights): weights, logits, loss and gradients
     again = run_step(pc, load_from=str(tmp_path / "tp2"))
-    np.testing.assert_allclose(again["logits"], reference["logits"], **TOL)
+    assert set(again) == set(reference)
+    for name, want in reference.items():
+        np.testing.assert_allclose(again[name], want, err_msg=f"tp1_from_tp2: {name}", **TOL)
     assert res["greedy_tp2"] == greedy(pc)

@@ -4,8 +4,10 @@ against a measured training peak, and `--validate` on fake process groups with t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,16 +156,28 @@ def test_plan_json_has_every_figure_of_the_table(capsys):
     assert "no (PP>1)" in capsys.readouterr().out
 
 
+def documented_memory_claims() -> dict[tuple[str, int], float]:
+    """docs/benchmarks.md's planner-against-peak figures: (preset, sequence) -> the prediction's documented excess."""
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text().split())
+    found = re.findall(r"(\w+) at sequence (\d+): measured [\d.]+ GiB, predicted [\d.]+ GiB \(\+(\d+\.\d)%\)", text)
+    return {(preset, int(seq)): float(pct) / 100 for preset, seq, pct in found}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, seq", [("tiny", 512), ("350m", 256)])
-def test_memory_prediction_within_10_percent_of_the_measured_peak(preset, seq):
+def test_memory_prediction_within_the_documented_excess_over_the_measured_peak(preset, seq):
+    """docs/benchmarks.md: the prediction exceeds the measured peak by +1.5% (tiny) and +3.2% (350m); the planner
+    may over-predict by at most that (the figure's rounding allowed) and never under-predict."""
+    claims = documented_memory_claims()
+    assert (preset, seq) in claims, f"docs/benchmarks.md no longer states {preset} at sequence {seq}: {claims}"
     out = subprocess.run([sys.executable, "-m", "tests.memory_probe", preset, str(seq)], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.splitlines()[-1])
+    excess = r["predicted_gib"] / r["measured_gib"] - 1
     print(f"{preset} seq {seq}: measured peak {r['measured_gib']:.4f} GiB, predicted {r['predicted_gib']:.4f} GiB "
-          f"({r['predicted_gib'] / r['measured_gib'] - 1:+.1%})")
-    assert abs(r["predicted_gib"] / r["measured_gib"] - 1) < 0.10
+          f"({excess:+.1%}; documented +{claims[preset, seq]:.1%})")
+    assert 0 <= excess < claims[preset, seq] + 0.0005, (r, claims[preset, seq])
 
 
 def test_validate_builds_the_job_for_many_ranks_on_fake_groups(tmp_path, capsys):

@@ -113,3 +113,78 @@ def test_errors_name_the_values(store_path):
         cfg(store_path, weight=0)
     with pytest.raises(ValueError, match=r"state seed \(1\) differs from the config's seed \(7\)"):
         DataSampler(cfg(store_path), 0, 1, SamplerState(1, 0, [0]))
+
+
+def _epochs(stream, n):
+    """The stream cut into epochs of n draws (the last one possibly partial)."""
+    return [stream[e:e + n] for e in range(0, len(stream), n)]
+
+
+def test_a_remainder_batch_crosses_the_epoch_boundary_losing_and_repeating_nothing(store_path):
+    """The global batch does not divide the store: the batch across each epoch boundary holds the last windows of
+    one epoch and the first of the next; every epoch of the global stream is a permutation of all the windows."""
+    n = len(TokenStore(store_path))
+    gbs = next(g for g in (8, 12, 10) if n % g)
+    steps = -(-3 * n // gbs) + 1  # past the end of the third epoch
+    ranks = [DataSampler(cfg(store_path, gbs), r, 2) for r in range(2)]
+    stream = [i for _ in range(steps) for s in ranks for _, i in s.next_indices()]
+    single = DataSampler(cfg(store_path, gbs), 0, 1)
+    assert [i for _ in range(steps) for _, i in single.next_indices()] == stream  # ranks joined: the global order
+    epochs = _epochs(stream, n)
+    for e in epochs[:3]:
+        assert sorted(e) == list(range(n))  # once per epoch: none lost in the remainder, none repeated
+    assert len(set(epochs[3])) == len(epochs[3])
+    assert epochs[0] != epochs[1] != epochs[2]  # each epoch its own permutation
+    again = DataSampler(cfg(store_path, gbs), 0, 1)
+    assert [i for _ in range(steps) for _, i in again.next_indices()] == stream  # deterministic
+    # resumed after the last whole batch of the first epoch: the next batch straddles the boundary, as straight
+    first = DataSampler(cfg(store_path, gbs), 0, 1)
+    for _ in range(n // gbs):
+        first.next_indices()
+    resumed = DataSampler(cfg(store_path, gbs), 0, 1, SamplerState.from_dict(json.loads(json.dumps(first.state_dict()))))
+    assert [i for _ in range(steps - n // gbs) for _, i in resumed.next_indices()] == stream[n // gbs * gbs:]
+
+
+def test_a_blend_across_the_smaller_sources_epochs(store_path):
+    """Python (most windows, weight 1) against the other languages (few windows, weight 2), over several epochs
+    of both: proportions, per-source epoch permutations, mid-epoch resumption and data-parallel ranks, each
+    checked against what the store's language column says."""
+    languages = TokenStore(store_path).languages
+    others = ["Java", "JavaScript", "Go", "C++", "CSS", "Shell"]
+    from data_pipeline.languages import get_language
+
+    windows = [np.flatnonzero(languages == get_language("Python").id),
+               np.flatnonzero(np.isin(languages, [get_language(x).id for x in others]))]
+    weights = [1.0, 2.0]
+    n = [len(w) for w in windows]
+    assert n[1] < n[0] and n[1] > 1
+    shares = [k * w / sum(k * w for k, w in zip(n, weights)) for k, w in zip(n, weights)]
+    gbs, dp = 9, 3
+    sources = [{"path": store_path, "languages": ["Python"], "weight": weights[0]},
+               {"path": store_path, "languages": others, "weight": weights[1]}]
+    blend = lambda state=None, rank=0, size=1: DataSampler(  # noqa: E731
+        load_config(SamplerConfig, values={"sources": sources, "global_batch_size": gbs, "seed": 11}), rank, size,
+        state)
+    steps = -(-4 * n[0] // int(gbs * shares[0]))  # about four epochs of Python, many of the other source
+    single = blend()
+    order = [pick for _ in range(steps) for pick in single.next_indices()]
+    counts = np.cumsum([[src == 0, src == 1] for src, _ in order], axis=0)
+    expected = np.arange(1, len(order) + 1)[:, None] * np.array(shares)
+    assert np.abs(counts - expected).max() <= 1.0  # largest deficit: within one sample of its share at every point
+    for i in (0, 1):
+        drawn = [idx for src, idx in order if src == i]
+        assert len(drawn) > 3 * n[i]
+        for e in _epochs(drawn, n[i]):
+            assert set(e) <= set(windows[i].tolist()) and len(set(e)) == len(e)  # this source's windows only
+            assert len(e) < n[i] or sorted(e) == sorted(windows[i].tolist())  # each whole epoch a permutation
+    # resumed mid-epoch of both sources: exactly the straight run
+    cut = next(k for k in range(steps // 2, steps) if all(c % m for c, m in zip(counts[k * gbs - 1], n)))
+    first = blend()
+    for _ in range(cut):
+        first.next_indices()
+    assert first.state.source_counts == counts[cut * gbs - 1].tolist()
+    resumed = blend(SamplerState.from_dict(json.loads(json.dumps(first.state_dict()))))
+    assert [p for _ in range(steps - cut) for p in resumed.next_indices()] == order[cut * gbs:]
+    # the data-parallel ranks' slices, joined batch by batch, are the single-rank order
+    ranks = [blend(None, r, dp) for r in range(dp)]
+    assert [p for _ in range(steps) for s in ranks for p in s.next_indices()] == order

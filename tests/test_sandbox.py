@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,20 +59,73 @@ def test_cheating_and_harmful_programs_never_pass(python_problems, name):
     assert len(row["output"]) <= 4096 + 100
 
 
+def host_addresses() -> list[str]:
+    """127.0.0.1 and the host's non-loopback IPv4 address, if it has one (the route a datagram to TEST-NET-1 would
+    take; nothing is sent)."""
+    found = ["127.0.0.1"]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))
+        found.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found.append(socket.gethostbyname(socket.gethostname()))
+    return list(dict.fromkeys(a for a in found if a == "127.0.0.1" or not a.startswith("127.")))
+
+
+@contextlib.contextmanager
+def host_listener() -> Iterator[tuple[int, list[str], list[object]]]:
+    """A TCP server on every address of the host: yields (port, the addresses to try, the connections it accepted).
+    The list is complete once the block has left: the backlog is drained after the accepting thread stops."""
+    server = socket.socket()
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    accepted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept())
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], host_addresses(), accepted
+    finally:
+        stop.set()
+        thread.join()
+        server.setblocking(False)
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept())
+        server.close()
+
+
+# what a program without a network may see when it connects: no route (no interface in its namespace), a refusal,
+# the sandbox's denial, or no answer at all
+NET_REFUSED = {"ENETUNREACH", "EHOSTUNREACH", "ECONNREFUSED", "EACCES", "EPERM", "EADDRNOTAVAIL", "timeout"}
+
+
+def assert_not_connected(output: str, hosts: list[str]) -> None:
+    """The program printed ``NET <host> <outcome>`` for every address it tried, and none is a connection."""
+    outcomes = dict(line.split()[1:3] for line in output.splitlines() if line.startswith("NET "))
+    assert set(outcomes) == set(hosts), ("no connection outcome for every address: did it try?", hosts, output)
+    assert set(outcomes.values()) <= NET_REFUSED, outcomes
+
+
 def test_no_network_no_writes_outside_no_fork_bomb(python_problems, tmp_path):
     require_isolation()
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    port = server.getsockname()[1]
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
-    net = f"    import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    return True\n"
-    assert execute(python_problems[0], net)["status"] == "runtime_error"
-    assert accepted == []
+    net = ("    import errno, socket\n    for host in HOSTS:\n        try:\n"
+           "            socket.create_connection((host, PORT), timeout=2).close()\n"
+           "            print('NET', host, 'connected')\n"
+           "        except socket.timeout:\n            print('NET', host, 'timeout')\n"
+           "        except OSError as e:\n            print('NET', host, errno.errorcode.get(e.errno, e.errno))\n"
+           "    return True\n")
+    with host_listener() as (port, hosts, accepted):
+        row = execute(python_problems[0], net.replace("HOSTS", repr(hosts)).replace("PORT", str(port)))
+    assert row["status"] == "failed", row  # it ran to its wrong answer
+    assert_not_connected(row["output"], hosts)
+    assert accepted == [], (accepted, row["output"])
     target = tmp_path / "escaped"
     os.chmod(tmp_path, 0o777)
     write = f"    open({str(target)!r}, 'w').write('x'); open('/tmp/escaped-codegeex', 'w').write('x')\n    return True\n"
