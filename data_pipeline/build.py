@@ -37,7 +37,7 @@ from data_pipeline.pairs import pair_tokens
 from data_pipeline.redact import KINDS, Redactor, redact_documents
 from data_pipeline.sources import Unit, enumerate_units
 from data_pipeline.spool import merge_spools, spool_done, unit_stats, write_spool
-from data_pipeline.tokenizer import TextTokenizer, load_tokenizer, tokenizer_record
+from data_pipeline.tokenizer import CodeTokenizer, TextTokenizer, load_tokenizer, tokenizer_record
 
 log = logging.getLogger(__name__)
 WORK = ".work"
@@ -201,7 +201,7 @@ def prepare(cfg: BuildConfig) -> tuple[Path, list[Unit], dict[str, Any]]:
 
 def check_tokenizer_settings(cfg: BuildConfig, tokenizer: TextTokenizer) -> None:
     """Settings that need a SentencePiece tokenizer are refused with another one, naming both."""
-    if cfg.extract.normalize_whitespace and not hasattr(tokenizer, "sp"):
+    if cfg.extract.normalize_whitespace and not isinstance(tokenizer, CodeTokenizer):
         raise ConfigError(f"extract.normalize_whitespace needs a tokenizer with [new_line]/[indent]/[dedent] pieces; "
                           f"{cfg.tokenizer} is a byte-level BPE with its own whitespace tokens (set it false)")
 
