@@ -113,8 +113,9 @@ class Packer:
         rest, rest_mod = tokens[pos:], None if modality is None else modality[pos:]
         for b in self.bins:
             if self.window - b.used >= len(rest):
-                # the tail of a cut document is a segment of its own wherever it lands
-                self._put(b, rest, rest_mod, new_doc or b.used > 0)
+                # every open window holds tokens already, so what lands here starts a segment (a cut document's
+                # tail too)
+                self._put(b, rest, rest_mod, True)
                 return
         if len(self.bins) >= self.open_windows:  # close the fullest (the oldest among equals)
             fullest = max(range(len(self.bins)), key=lambda i: (self.bins[i].used, -i))
@@ -125,11 +126,11 @@ class Packer:
 
     def _emit(self, b: _Bin) -> None:
         tokens = np.full(self.window, self.pad_id, dtype=np.int64)
-        tokens[:b.used] = np.concatenate(b.tokens) if b.tokens else []
+        tokens[:b.used] = np.concatenate(b.tokens)  # a window is emitted only once it holds tokens
         mod = None
         if self.with_modality:
             mod = np.full(self.window, MODALITY_CODE, dtype=np.uint8)
-            mod[:b.used] = np.concatenate(b.modality) if b.modality else []
+            mod[:b.used] = np.concatenate(b.modality)
         self.windows += 1
         self.padding += self.window - b.used
         self.emit(Window(tokens, b.starts, b.used, self.language, mod))

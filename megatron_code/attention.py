@@ -55,7 +55,7 @@ class MaskInfo:
         doc = np.asarray(document_ids)
         starts = np.ones(doc.shape, dtype=bool)  # (B, T): every row starts a document
         starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        cu = np.append(np.flatnonzero(starts.reshape(-1)), doc.size).astype(np.int32)  # (N + 1,)
+        cu = np.append(np.flatnonzero(starts), doc.size).astype(np.int32)  # (N + 1,): flat offsets
         return cls(to_device(doc.astype(np.int64), device), prefix, to_device(cu, device), int(np.diff(cu).max()))
 
     def dense(self, tq: int) -> Tensor:

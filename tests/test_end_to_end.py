@@ -69,7 +69,7 @@ def check_checkpoint_files(root: Path, tokenizer: str) -> None:
 
 
 def check_conversion(ckpt: Path, store: Path, tmp: Path) -> None:
-    """The checkpoint in CodeGeeX's .pt layout and back gives the same logits on a batch of the store."""
+    """The checkpoint in CodeGeeX's .pt layout and back: the same weights and the same logits, exactly."""
     from data_pipeline.sampler import DataSampler, SamplerConfig, SourceConfig
     from megatron_code.checkpoint import load_model
     from megatron_code.objectives import prepare_batch
@@ -81,10 +81,18 @@ def check_conversion(ckpt: Path, store: Path, tmp: Path) -> None:
     pc = single_context()
     batch = DataSampler(SamplerConfig(sources=[SourceConfig(path=str(store))], global_batch_size=2, seed=0)).next_batch()
     inp = prepare_batch(batch)
+    trained, back = load_model(ckpt, pc), load_model(tmp / "back", pc)
+    want_sd, got_sd = trained.state_dict(), back.state_dict()
+    assert set(got_sd) == set(want_sd)
+    for name, tensor in want_sd.items():  # the .pt layout copies weights: every one bit for bit, dtype kept
+        if tensor is None:  # megatron-core's layers keep an empty `_extra_state` entry
+            assert got_sd[name] is None, name
+            continue
+        assert got_sd[name].dtype == tensor.dtype and torch.equal(got_sd[name], tensor), name
     with torch.no_grad():
-        want = load_model(ckpt, pc)(inp.tokens, inp.position_ids, inp.mask)[0]
-        got = load_model(tmp / "back", pc)(inp.tokens, inp.position_ids, inp.mask)[0]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = trained(inp.tokens, inp.position_ids, inp.mask)[0]
+        got = back(inp.tokens, inp.position_ids, inp.mask)[0]
+    assert torch.equal(got, want)  # same weights, same computation: the same logits exactly
 
 
 @pytest.mark.slow

@@ -103,8 +103,10 @@ def test_one_host_sync_per_training_step_on_cuda(gpu_run, precision):
 
 
 def _packed_documents(batch: int, length: int) -> np.ndarray:
-    """(B, T) document ids: several documents of uneven lengths per row, one whole-row document in the last."""
-    rows = [np.repeat(np.arange(4), [100, 37, 64, length - 201])] + [np.zeros(length, dtype=np.int64)] * (batch - 1)
+    """(B, T) document ids: several documents of uneven lengths per row, one whole-row document in the last. The
+    first row's first document ends at a 128-position block edge, so flex's (query block 1, key block 0) is empty in
+    that row and full in the others: a block mask not built per row fails."""
+    rows = [np.repeat(np.arange(4), [128, 37, 64, length - 229])] + [np.zeros(length, dtype=np.int64)] * (batch - 1)
     return np.stack(rows).astype(np.int64)
 
 
@@ -138,13 +140,21 @@ def _error(got: tuple[torch.Tensor, list[torch.Tensor]], want: tuple[torch.Tenso
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flex", "flash"])
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["causal", "prefix"])
 @pytest.mark.parametrize("cached", [False, True], ids=["full", "kv-cache"])
-def test_attention_backends_agree_on_gpu(use_prefix, cached):
+def test_attention_backends_agree_on_gpu(name, use_prefix, cached):
     """Each bf16 backend against an fp32 sdpa reference: at most twice bf16 sdpa's own error (flash-attn's tests'
-    rule), outputs and, without a cache (training), gradients."""
+    rule), outputs and, without a cache (training), gradients. flash-attn missing on a GPU machine fails; a case
+    flash cannot compute (a prefix, a KV cache) is skipped with that reason."""
     from megatron_code.attention import flash_available
 
+    if name == "flash" and (use_prefix or cached):
+        pytest.skip("flash-attn's varlen kernel has no bidirectional prefix and the model gives it no KV cache "
+                    "(attention.can_run)")
+    if name == "flash" and not flash_available():
+        pytest.fail("flash-attn is not installed on this GPU machine: pip install --no-build-isolation '.[gpu]'",
+                    pytrace=False)
     torch.manual_seed(0)
     b, h, tk, d = 2, 4, 256, 64
     tq = 64 if cached else tk  # a KV cache: the queries are the last tq of tk, from inside a document's prefix on
@@ -156,10 +166,8 @@ def test_attention_backends_agree_on_gpu(use_prefix, cached):
     reference = _attend("sdpa", q, k, v, docs, prefix, grad)
     lq, lk, lv = (t.bfloat16() for t in (q, k, v))
     bound = [max(2 * e, 1e-2) for e in _error(_attend("sdpa", lq, lk, lv, docs, prefix, grad), reference)]
-    names = ["flex"] + (["flash"] if flash_available() and not use_prefix and not cached else [])
-    for name in names:
-        errors = _error(_attend(name, lq, lk, lv, docs, prefix, grad), reference)
-        assert all(e <= m for e, m in zip(errors, bound, strict=True)), (name, errors, bound)
+    errors = _error(_attend(name, lq, lk, lv, docs, prefix, grad), reference)
+    assert all(e <= m for e, m in zip(errors, bound, strict=True)), (name, errors, bound)
 
 
 # ----------------------------------------------------------------------------------------------- fused elementwise

@@ -139,6 +139,49 @@ def test_attention_backends_per_use_and_metadata_from_the_host():
     assert info.block_mask(6, 6, cpu) is info.block_mask(6, 6, cpu)
 
 
+def test_every_explicit_and_auto_choice_with_flash_installed(monkeypatch, caplog):
+    """The whole table, flash-attn present (patched) or not: what each name gives each use on each device, dtype and
+    dropout, and the log line for every use an explicit choice cannot run."""
+    import megatron_code.attention as attention
+    from megatron_code.attention import can_run, resolve_backends
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for use, device, dtype, want in [("train", cuda, bf16, True), ("train", cuda, torch.float16, True),
+                                     ("prefix", cuda, bf16, False), ("cache", cuda, bf16, False),
+                                     ("train", cpu, bf16, False), ("train", cuda, fp32, False)]:
+        assert can_run("flash", use, 0.1, device, dtype) is want, (use, device, dtype)
+    assert [can_run("flex", u, 0.0, cpu) for u in attention.USES] == [True, True, False]
+    assert not can_run("flex", "train", 0.1, cuda) and not can_run("dense", "train", 0.0, cpu)
+    monkeypatch.setattr(attention, "flash_available", lambda: False)
+    with pytest.raises(RuntimeError, match="^attention_backend 'flash' needs the flash-attn package and a CUDA "
+                                           "device$"):
+        resolve_backends("flash", cuda, 0.0)
+    every = lambda b: {"train": b, "prefix": b, "cache": b}  # noqa: E731
+    assert resolve_backends("sdpa", cuda, 0.0) == every("sdpa")  # an explicit sdpa stays sdpa on a GPU
+    monkeypatch.setattr(attention, "flash_available", lambda: True)
+    flash_then = {"train": "flash", "prefix": "flex", "cache": "sdpa"}
+    assert resolve_backends("auto", cuda, 0.0) == flash_then
+    assert resolve_backends("auto", cuda, 0.1) == {"train": "flash", "prefix": "sdpa", "cache": "sdpa"}
+    assert resolve_backends("auto", cuda, 0.0, fp32) == {"train": "flex", "prefix": "flex", "cache": "sdpa"}
+    assert resolve_backends("auto", cpu, 0.0) == every("sdpa")
+    assert resolve_backends("sdpa", cuda, 0.0) == every("sdpa")
+    assert resolve_backends("flex", cuda, 0.0) == {"train": "flex", "prefix": "flex", "cache": "sdpa"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="megatron_code.attention"):
+        resolve_backends("auto", cuda, 0.1, fp32)  # auto says nothing, whatever it picks
+        assert resolve_backends("flash", cuda, 0.0) == flash_then
+        assert resolve_backends("flash", cuda, 0.0, fp32) == {"train": "flex", "prefix": "flex", "cache": "sdpa"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention_backend 'flash' cannot run prefix attention here; that use takes 'flex'",
+        "attention_backend 'flash' cannot run cache attention here; that use takes 'sdpa'",
+        "attention_backend 'flash' cannot run train attention here; that use takes 'flex'",
+        "attention_backend 'flash' cannot run prefix attention here; that use takes 'flex'",
+        "attention_backend 'flash' cannot run cache attention here; that use takes 'sdpa'"]
+    with pytest.raises(ValueError, match=r"attention_backend 'dense' must be one of auto, sdpa, flex, flash$"):
+        resolve_backends("dense", cpu, 0.0)
+
+
 def test_model_resolves_backends_once(monkeypatch):
     import megatron_code.attention as attention
     from megatron_code.model import CodeGeeXModel

@@ -141,6 +141,104 @@ def test_backends_with_a_kv_cache_match_the_reference(backend):
             torch.testing.assert_close(full, reference_attention(q, k, v, seg, None, 0.3), **TOL)
 
 
+def test_flex_block_sparsity_per_row_and_its_refusal_of_dropout():
+    """Past one 128-position block, rows whose documents cut the blocks differently (a block empty in one row is not
+    in the other), checked against sdpa; dropout is refused by name. Eager flex on the CPU applies the mask per
+    element, so a block mask that is not per row shows only in compiled flex on a GPU (test_gpu.py's first row)."""
+    torch.manual_seed(3)
+    b, t = 2, 384
+    q, k, v = (torch.randn(b, 2, t, 8) for _ in range(3))
+    docs = np.zeros((b, t), dtype=np.int64)
+    docs[0, 128:] = 1  # row 0: queries of blocks 1 and 2 never see block 0; row 1: one document throughout
+    docs[1, 300:] = 1
+    mask = MaskInfo.from_documents(docs)
+    want = BACKENDS["sdpa"](q, k, v, MaskInfo.from_documents(docs), 0.35, 0.0)
+    torch.testing.assert_close(BACKENDS["flex"](q, k, v, mask, 0.35, 0.0), want, **TOL)
+    with pytest.raises(RuntimeError, match="^attention_backend 'flex' has no attention dropout; set "
+                                           "attention_dropout=0 or use 'sdpa'$"):
+        BACKENDS["flex"](q, k, v, mask, 0.35, 0.1)
+    prefix = torch.zeros(b, t, dtype=torch.bool)
+    assert MaskInfo.from_documents(docs, prefix=prefix).prefix is prefix
+
+
+def test_masks_are_built_once_per_shape_and_dtype_and_sdpa_applies_dropout():
+    """Every layer of a batch gets the same mask object (one build per query length and dtype, a KV-cache step
+    included); a new length or dtype is built anew, right. sdpa's attention dropout is applied, from torch's RNG."""
+    info = MaskInfo.from_documents(np.array([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 3, 3]]))
+    for tq in (6, 1):  # a full forward, then a one-position step against all six keys
+        info = MaskInfo(info.segment_ids)
+        dense, additive = info.dense(tq), info.additive(tq, torch.float32)
+        assert info.dense(tq) is dense and info.additive(tq, torch.float32) is additive
+        assert dense.shape == additive.shape == (2, 1, tq, 6)
+        assert torch.equal(additive == 0, dense) and torch.equal(additive[~dense], torch.full_like(additive[~dense],
+                                                                                                 float("-inf")))
+    wide = info.additive(1, torch.float32)
+    half = info.additive(1, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half.float(), wide) and info.additive(1, torch.bfloat16) is half
+    assert info.additive(3, torch.bfloat16).shape == info.dense(3).shape == (2, 1, 3, 6)
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    plain = BACKENDS["sdpa"](q, k, v, info, 0.35, 0.0)
+    torch.manual_seed(5)
+    dropped = BACKENDS["sdpa"](q, k, v, info, 0.35, 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(BACKENDS["sdpa"](q, k, v, info, 0.35, 0.5), dropped) and not torch.allclose(dropped, plain)
+
+
+CALLS: list[float] = []
+
+
+def varlen_attention_as_flash_documents_it(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           dropout_p=0.0, softmax_scale=None, causal=False):
+    """flash-attn's ``flash_attn_varlen_func`` as its docstring defines it, written out on the CPU: q, k, v
+    (total, H, D) hold the sequences that cu_seqlens (int32, (N + 1,)) delimit; causal attention inside each."""
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert causal and q.shape == k.shape == v.shape and q.dim() == 3
+    CALLS.append(dropout_p)
+    if dropout_p:  # flash's own dropout: not reproduced here, only passed through
+        return torch.zeros_like(q)
+    bounds = cu_seqlens_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == q.shape[0]
+    assert max_seqlen_q == max_seqlen_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(bounds, bounds[1:]):
+        scores = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * softmax_scale  # (H, n, n)
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[a:b])
+    return out
+
+
+def test_flash_wiring_against_flash_attns_documented_contract(monkeypatch):
+    """On the CPU the flash backend runs against flash-attn's documented varlen contract (the real kernel runs in
+    test_gpu_backends_agree): the host-built cu_seqlens and max_seqlen, the (B*T, H, D) packing and its inverse
+    equal the position-by-position reference; the refusals name what flash cannot do."""
+    import sys
+    import types
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = varlen_attention_as_flash_documents_it  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 12, 8, dtype=torch.float64) for _ in range(3))
+    for name, seg, _ in attention_cases():
+        mask = MaskInfo.from_documents(seg.numpy(), "cpu")
+        assert torch.equal(mask.segment_ids, seg) and mask.segment_ids.dtype == torch.int64
+        got = BACKENDS["flash"](q, k, v, mask, 0.3, 0.0)
+        torch.testing.assert_close(got, reference_attention(q, k, v, seg, None, 0.3), **TOL, msg=name)
+    CALLS.clear()
+    BACKENDS["flash"](q, k, v, MaskInfo.from_documents(np.zeros((2, 12))), 0.3, 0.1)
+    assert CALLS == [0.1]  # attention dropout goes to flash-attn
+    mask = MaskInfo.from_documents(np.array([[4, 4, 4, 1, 1, 0], [0, 0, 2, 2, 2, 2]]))
+    assert mask.cu_seqlens.tolist() == [0, 3, 5, 6, 8, 12] and mask.max_seqlen == 4
+    assert MaskInfo.from_documents(np.zeros((1, 5))).cu_seqlens.tolist() == [0, 5]
+    with pytest.raises(RuntimeError, match="^attention_backend 'flash' supports neither a bidirectional prefix nor a "
+                                           "KV cache; use 'flex'$"):
+        BACKENDS["flash"](q[:, :, -1:], k, v, MaskInfo.from_documents(np.zeros((2, 12))), 0.3, 0.0)
+    with pytest.raises(ValueError, match=r"^flash attention needs the batch's cu_seqlens: build the mask with "
+                                         r"MaskInfo\.from_documents$"):
+        BACKENDS["flash"](q, k, v, MaskInfo(attention_cases()[0][1]), 0.3, 0.0)
+
+
 @pytest.mark.gpu
 def test_gpu_backends_agree():
     torch.manual_seed(0)
