@@ -59,7 +59,7 @@ test: lint system
 
 # Mutation testing, not part of `make test` (docs/benchmarks.md, "Mutation testing"): mutmut mutates the modules that
 # pyproject.toml's [tool.mutmut] names, one change per mutant in a copy under mutants/, runs the tests that reach each
-# one, and lists the mutants no test kills. About 25 minutes on 2 cores.
+# one, and lists the mutants no test kills. About 15 minutes on 2 cores.
 mutation: $(STAMP)
 	$(PIP) install -q 'mutmut==3.8.1'
 	CODEGEEX_SHARED=$(abspath ../shared) $(BIN)/mutmut run --max-children 2
