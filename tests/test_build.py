@@ -146,16 +146,22 @@ def test_resuming_with_other_settings_is_refused(store, corpus, tokenizer_model,
         build(corpus[0], str(tmp_path / "nope.model"), tmp_path / "b")
 
 
-def test_corrupt_or_truncated_shard_is_named(store, tmp_path):
-    copy = tmp_path / "c"
-    shutil.copytree(store[0], copy)
-    shard = sorted((copy / "shards").glob("*.arrow"))[1]
+def corrupt_copy(store: str | Path, copy: Path, index: int = 0) -> tuple[Path, bytes]:
+    """A copy of ``store`` with one byte of its ``index``-th shard flipped: (that shard, its corrupted bytes)."""
+    shutil.copytree(store, copy)
+    shard = sorted((copy / "shards").glob("*.arrow"))[index]
     data = bytearray(shard.read_bytes())
     data[200] ^= 0xFF
     shard.write_bytes(bytes(data))
+    return shard, bytes(data)
+
+
+def test_corrupt_or_truncated_shard_is_named(store, tmp_path):
+    copy = tmp_path / "c"
+    shard, data = corrupt_copy(store[0], copy, 1)
     with pytest.raises(StoreError, match=rf"{shard.name}: checksum mismatch"):
         TokenStore(copy)
-    shard.write_bytes(bytes(data[:-100]))
+    shard.write_bytes(data[:-100])
     with pytest.raises(StoreError, match=rf"{shard.name}: shard is truncated"):
         TokenStore(copy)
     (copy / "manifest.json").unlink()

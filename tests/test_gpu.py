@@ -139,19 +139,19 @@ def _error(got: tuple[torch.Tensor, list[torch.Tensor]], want: tuple[torch.Tenso
     return [float((g - w).detach().abs().max()) for g, w in zip([got[0], *got[1]], [want[0], *want[1]], strict=True)]
 
 
+# flex in every use; flash only in training without a prefix, the one use attention.can_run gives it
+BACKEND_CASES = [("flex", p, c) for p in (False, True) for c in (False, True)] + [("flash", False, False)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["flex", "flash"])
-@pytest.mark.parametrize("use_prefix", [False, True], ids=["causal", "prefix"])
-@pytest.mark.parametrize("cached", [False, True], ids=["full", "kv-cache"])
+@pytest.mark.parametrize("name,use_prefix,cached", BACKEND_CASES,
+                         ids=[f"{n}-{'prefix' if p else 'causal'}-{'kv-cache' if c else 'full'}"
+                              for n, p, c in BACKEND_CASES])
 def test_attention_backends_agree_on_gpu(name, use_prefix, cached):
     """Each bf16 backend against an fp32 sdpa reference: at most twice bf16 sdpa's own error (flash-attn's tests'
-    rule), outputs and, without a cache (training), gradients. flash-attn missing on a GPU machine fails; a case
-    flash cannot compute (a prefix, a KV cache) is skipped with that reason."""
+    rule), outputs and, without a cache (training), gradients. flash-attn missing on a GPU machine fails."""
     from megatron_code.attention import flash_available
 
-    if name == "flash" and (use_prefix or cached):
-        pytest.skip("flash-attn's varlen kernel has no bidirectional prefix and the model gives it no KV cache "
-                    "(attention.can_run)")
     if name == "flash" and not flash_available():
         pytest.fail("flash-attn is not installed on this GPU machine: pip install --no-build-isolation '.[gpu]'",
                     pytrace=False)

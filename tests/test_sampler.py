@@ -12,7 +12,7 @@ from common.config import ConfigError, load_config
 from data_pipeline.packing import position_ids
 from data_pipeline.sampler import DataSampler, SamplerConfig, SamplerState
 from data_pipeline.store import StoreError, TokenStore
-from tests.test_build import build
+from tests.test_build import build, corrupt_copy
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_a_blend_across_the_smaller_sources_epochs(store_path):
 
 
 def test_batch_keys_match_the_store_rows(store_path):
-    """Every array of a batch against the store rows its sample_keys name, and the source-count bookkeeping."""
+    """Every array of a batch against the store rows its sample_keys name."""
     s = DataSampler(cfg(store_path, 4), 1, 2)
     store = TokenStore(store_path)
     b = s.next_batch()
@@ -241,14 +241,8 @@ def test_more_errors_name_the_values(store_path, corpus, tokenizer_model, tmp_pa
 
 
 def test_a_corrupted_shard_is_refused_unless_checksums_are_off(store_path, tmp_path):
-    import shutil
-
     copy = tmp_path / "c"
-    shutil.copytree(store_path, copy)
-    shard = sorted((copy / "shards").glob("*.arrow"))[0]
-    data = bytearray(shard.read_bytes())
-    data[200] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard, _ = corrupt_copy(store_path, copy)
     with pytest.raises(StoreError, match=rf"{shard.name}: checksum mismatch"):
         DataSampler(cfg(str(copy)))  # verify_checksums defaults to true
     assert DataSampler(load_config(SamplerConfig, values={"sources": [{"path": str(copy)}],
